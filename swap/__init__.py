@@ -1,0 +1,34 @@
+"""deltaswap's engine: swap activations to pinned host memory over asynchronous CUDA streams.
+
+Knows nothing of Lightning or Accelerate; the adapters in :mod:`deltaswap.strategy` call into it.
+
+Example::
+
+    >>> from deltaswap.swap import offload_activations
+    >>> off = offload_activations(min_bytes="1MiB")
+    >>> with off:                                   # doctest: +SKIP
+    ...     loss = model(x).float().pow(2).mean()
+    >>> loss.backward()                             # doctest: +SKIP
+    >>> print(off.stats)                            # doctest: +SKIP
+"""
+
+from .backend import Copy, CopyBackend, CudaCopyBackend, SyncCopyBackend
+from .config import OffloadConfig, format_bytes, parse_bytes
+from .offloader import ActivationOffloader, offload_activations
+from .pool import HostMemoryError, PinnedPool
+from .stats import OffloadStats
+
+__all__ = [
+    "ActivationOffloader",
+    "Copy",
+    "CopyBackend",
+    "CudaCopyBackend",
+    "HostMemoryError",
+    "OffloadConfig",
+    "OffloadStats",
+    "PinnedPool",
+    "SyncCopyBackend",
+    "format_bytes",
+    "offload_activations",
+    "parse_bytes",
+]

@@ -1,0 +1,175 @@
+"""What the engine hands autograd for each saved tensor, and the host copy of a swapped storage."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .backend import Copy, CopyBackend
+from .pool import PinnedBlock, PinnedPool
+
+if TYPE_CHECKING:
+    from .stats import StepCounters
+
+
+def producer(tensor: torch.Tensor) -> str:
+    """``", which is output 0 of ExpBackward0,"`` for a tensor with a grad_fn, else ``""``."""
+    grad_fn = tensor.grad_fn
+    return "" if grad_fn is None else f", which is output {tensor.output_nr} of {type(grad_fn).__name__},"
+
+
+def check_version(tensor: torch.Tensor | None, saved_version: int, where: str) -> None:
+    """Raise PyTorch's own error if ``tensor`` was modified in place since it was saved.
+
+    Autograd skips its version check for tensors that went through saved-tensor hooks, so the engine
+    repeats it, with the message PyTorch gives without hooks (``where`` is :func:`producer` at save time).
+    """
+    if tensor is None or tensor._version == saved_version:
+        return
+    raise RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an inplace "
+        f"operation: [{tensor.type()} {list(tensor.shape)}]{where} is at version {tensor._version}; "
+        f"expected version {saved_version} instead. Hint: enable anomaly detection to find the "
+        "operation that failed to compute its gradient, with torch.autograd.set_detect_anomaly(True, "
+        "check_nan=False). (Detected by deltaswap, which swapped or kept this saved tensor.)"
+    )
+
+
+class SwappedStorage:
+    """The host copy of one device storage (or of a byte range of it), shared by every saved view.
+
+    Lives as long as some saved tensor refers to it; when the last one is dropped by autograd, its pinned
+    block goes back to the pool (reusable after the last copy that read it) and its device copy is freed.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: torch.Tensor,
+        block: PinnedBlock,
+        start: int,
+        version: int,
+        position: int,
+        backend: CopyBackend,
+        pool: PinnedPool,
+        counters: StepCounters,
+    ) -> None:
+        self.start = start
+        """Byte offset of the copied range in the original storage."""
+        self.nbytes = source.numel()
+        self.version = version
+        self.position = position
+        """Bytes of saved tensors the forward had saved before this one (the backward's progress scale)."""
+        self.device = source.device
+        self.block = block
+        self._backend = backend
+        self._pool = pool
+        self._counters = counters
+        self._storage_ref = torch.multiprocessing.reductions.StorageWeakRef(source.untyped_storage())
+        self.source: torch.Tensor | None = source
+        """The device bytes, held until the device->host copy has read them."""
+        self.d2h: Copy = backend.copy_to_host(block.buffer, source, block.reuse_after)
+        self.device_bytes: torch.Tensor | None = None
+        self.h2d: Copy | None = None
+        self._waited = False
+        counters.tensors_offloaded += 1
+        counters.bytes_offloaded += self.nbytes
+        counters.d2h.append(self.d2h)
+
+    def covers(self, begin: int, end: int, elem_size: int, version: int) -> bool:
+        """Can a view spanning bytes ``[begin, end)`` of the same storage be served by this copy?"""
+        return (
+            not self._storage_ref.expired()
+            and version == self.version
+            and self.start <= begin
+            and end <= self.start + self.nbytes
+            and (begin - self.start) % elem_size == 0
+        )
+
+    def release_source_if_copied(self) -> bool:
+        """Drop the device bytes if their copy to host has finished. Returns whether they are gone."""
+        if self.source is not None and self._backend.is_done(self.d2h):
+            self.source = None
+        return self.source is None
+
+    def hand_source_to_allocator(self) -> None:
+        """Drop the device bytes now; the allocator reuses them only after the copy stream read them."""
+        if self.source is not None:
+            self._backend.hold_until_copied(self.source)
+            self.source = None
+
+    def prefetch(self) -> None:
+        """Start the host->device copy (once)."""
+        if self.device_bytes is not None:
+            return
+        self.device_bytes, self.h2d = self._backend.copy_to_device(self.block.buffer, self.d2h)
+        self._pool.note_read(self.block, self.h2d)
+        self._waited = False
+        self._counters.tensors_prefetched += 1
+        self._counters.bytes_prefetched += self.nbytes
+        self._counters.h2d.append(self.h2d)
+
+    def on_device(self) -> torch.Tensor:
+        """The device bytes, ready for the compute stream (a stream wait, never a host wait)."""
+        self.prefetch()
+        assert self.device_bytes is not None and self.h2d is not None
+        if not self._waited:
+            stall = self._backend.wait(self.h2d)
+            if stall is not None:
+                self._counters.stalls.append(stall)
+            self._waited = True
+        return self.device_bytes
+
+    def __del__(self) -> None:
+        try:
+            self.hand_source_to_allocator()
+            if self.device_bytes is not None and not self._waited and self.h2d is not None:
+                # Prefetched but never used: the compute stream must not reuse the memory before the copy
+                # into it has finished.
+                self._backend.wait(self.h2d)
+            self.device_bytes = None
+            self._pool.free(self.block)
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+class KeptTensor:
+    """A saved tensor left where it was: returned as is, after the in-place check."""
+
+    __slots__ = ("position", "producer", "tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor, position: int) -> None:
+        self.tensor = tensor
+        self.version = tensor._version
+        self.producer = producer(tensor)
+        self.position = position
+
+    def unpack(self) -> torch.Tensor:
+        check_version(self.tensor, self.version, self.producer)
+        return self.tensor
+
+
+class SwappedTensor:
+    """A saved tensor that lives in a :class:`SwappedStorage`: rebuilt as the same view on unpack."""
+
+    __slots__ = ("dtype", "offset", "origin", "position", "producer", "size", "storage", "stride", "version")
+
+    def __init__(self, tensor: torch.Tensor, storage: SwappedStorage, position: int) -> None:
+        self.storage = storage
+        esz = tensor.element_size()
+        self.offset = (tensor.storage_offset() * esz - storage.start) // esz
+        self.size = tensor.size()
+        self.stride = tensor.stride()
+        self.dtype = tensor.dtype
+        self.version = tensor._version
+        self.producer = producer(tensor)
+        self.position = position
+        self.origin: Any = weakref.ref(tensor)
+
+    def unpack(self) -> torch.Tensor:
+        check_version(self.origin(), self.version, self.producer)
+        data = self.storage.on_device()
+        out = torch.empty(0, dtype=self.dtype, device=data.device)
+        return out.set_(data.untyped_storage(), self.offset, self.size, self.stride)

@@ -1,0 +1,158 @@
+"""One forward pass under the swap engine, and the backward pass(es) that consume what it saved."""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from .backend import CopyBackend
+from .config import OffloadConfig
+from .pool import ALIGN, PinnedPool
+from .saved import KeptTensor, SwappedStorage, SwappedTensor
+from .stats import StepCounters
+
+Saved = KeptTensor | SwappedTensor
+
+
+class OffloadStep:
+    """The pack and unpack hooks of one step.
+
+    ``pack`` runs in the forward pass for every tensor autograd saves: it keeps parameters, tensors that
+    are not on the backend's device, small and unusual tensors, and copies the rest to the pinned pool on
+    the device->host stream (one copy per storage, views rebuilt on unpack). It never waits on the device.
+
+    ``unpack`` runs in the backward pass. The backward's progress is measured in bytes of saved tensors
+    (each saved tensor has a position: the bytes saved before it); every unpack starts the host->device
+    copies of all swapped storages within ``prefetch_lookahead`` bytes ahead, then makes the compute stream
+    wait (a stream wait) for the one it returns.
+    """
+
+    def __init__(
+        self,
+        config: OffloadConfig,
+        backend: CopyBackend,
+        pool: PinnedPool,
+        *,
+        swap_enabled: Callable[[], bool],
+        on_pool_full: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.counters = StepCounters()
+        self.cursor = 0
+        """Bytes of activations saved so far (the position of the next saved tensor)."""
+        self._backend = backend
+        self._pool = pool
+        self._swap_enabled = swap_enabled
+        self._on_pool_full = on_pool_full
+        self._storages: list[weakref.ref[SwappedStorage]] = []
+        self._by_ptr: dict[int, list[weakref.ref[SwappedStorage]]] = {}
+        self._inflight: deque[weakref.ref[SwappedStorage]] = deque()
+        self._next_prefetch: int | None = None
+        self._progress = 0
+        self._lookahead = 0
+
+    # -- forward ----------------------------------------------------------------------------------
+    def pack(self, tensor: torch.Tensor) -> Saved:
+        position = self.cursor
+        nbytes = tensor.numel() * tensor.element_size()
+        base = tensor if tensor._base is None else tensor._base
+        # Parameters, user leaves that require grad, and views of them (``weight.t()`` in a linear
+        # layer) are held elsewhere anyway: swapping them would move bytes without freeing any.
+        is_activation = not (isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad))
+        if not (is_activation and self._swappable(tensor, nbytes)):
+            return self._keep(tensor, position, nbytes if is_activation else 0)
+        self._reap()
+        storage = tensor.untyped_storage()
+        esz = tensor.element_size()
+        begin = tensor.storage_offset() * esz
+        end = begin + (1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))) * esz
+        version = tensor._version
+        for ref in self._by_ptr.get(storage.data_ptr(), ()):
+            host = ref()
+            if host is not None and host.covers(begin, end, esz, version):
+                self.counters.bytes_deduplicated += nbytes
+                return SwappedTensor(tensor, host, position)
+        total = storage.nbytes()
+        start, stop = (0, total) if 2 * (end - begin) >= total else (begin - begin % ALIGN, end)
+        block = self._pool.allocate(stop - start)
+        if block is None:
+            self.counters.bytes_kept_pool_full += nbytes
+            self._on_pool_full()
+            return self._keep(tensor, position, nbytes)
+        source = torch.empty(0, dtype=torch.uint8, device=tensor.device)
+        source.set_(storage, start, (stop - start,), (1,))
+        host = SwappedStorage(
+            source=source,
+            block=block,
+            start=start,
+            version=version,
+            position=position,
+            backend=self._backend,
+            pool=self._pool,
+            counters=self.counters,
+        )
+        ref = weakref.ref(host)
+        self._storages.append(ref)
+        self._by_ptr.setdefault(storage.data_ptr(), []).append(ref)
+        self._inflight.append(ref)
+        self.cursor += stop - start
+        return SwappedTensor(tensor, host, position)
+
+    def _swappable(self, tensor: torch.Tensor, nbytes: int) -> bool:
+        return (
+            type(tensor) is torch.Tensor
+            and tensor.layout == torch.strided
+            and not tensor.is_nested
+            and nbytes > 0
+            and nbytes >= self.config.min_bytes
+            and self._backend.accepts(tensor)
+            and self._swap_enabled()
+        )
+
+    def _keep(self, tensor: torch.Tensor, position: int, activation_bytes: int) -> KeptTensor:
+        self.counters.tensors_kept += 1
+        self.counters.bytes_kept += activation_bytes
+        self.cursor += activation_bytes
+        return KeptTensor(tensor, position)
+
+    def _reap(self) -> None:
+        """Release the device memory of every storage whose copy to host has finished (in stream order)."""
+        while self._inflight:
+            host = self._inflight[0]()
+            if host is not None and not host.release_source_if_copied():
+                return
+            self._inflight.popleft()
+
+    def close_forward(self) -> None:
+        """The forward pass is over: hand tensors still being copied to the allocator, record how many."""
+        self._reap()
+        for ref in self._inflight:
+            host = ref()
+            if host is not None and host.source is not None:
+                self.counters.inflight_bytes_at_exit += host.nbytes
+                host.hand_source_to_allocator()
+        self._inflight.clear()
+        self._by_ptr.clear()
+
+    # -- backward ---------------------------------------------------------------------------------
+    def unpack(self, saved: Saved) -> torch.Tensor:
+        self._advance(saved.position)
+        return saved.unpack()
+
+    def _advance(self, position: int) -> None:
+        if self._next_prefetch is None:  # the first unpack of this step
+            self._next_prefetch = len(self._storages) - 1
+            self._lookahead = self.config.lookahead_bytes(self.cursor)
+            self._progress = position
+        self._progress = min(self._progress, position)
+        limit = self._progress - self._lookahead
+        while self._next_prefetch >= 0:
+            host = self._storages[self._next_prefetch]()
+            if host is not None:
+                if host.position < limit:
+                    return
+                host.prefetch()
+            self._next_prefetch -= 1
