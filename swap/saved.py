@@ -14,27 +14,36 @@ if TYPE_CHECKING:
     from .stats import StepCounters
 
 
-def producer(tensor: torch.Tensor) -> str:
-    """``", which is output 0 of ExpBackward0,"`` for a tensor with a grad_fn, else ``""``."""
-    grad_fn = tensor.grad_fn
-    return "" if grad_fn is None else f", which is output {tensor.output_nr} of {type(grad_fn).__name__},"
+class Origin:
+    """What the in-place check needs to know about a saved tensor, captured cheaply at save time."""
 
+    __slots__ = ("grad_fn_type", "output_nr", "version")
 
-def check_version(tensor: torch.Tensor | None, saved_version: int, where: str) -> None:
-    """Raise PyTorch's own error if ``tensor`` was modified in place since it was saved.
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.version = tensor._version
+        grad_fn = tensor.grad_fn
+        self.grad_fn_type = None if grad_fn is None else type(grad_fn)
+        self.output_nr = tensor.output_nr
 
-    Autograd skips its version check for tensors that went through saved-tensor hooks, so the engine
-    repeats it, with the message PyTorch gives without hooks (``where`` is :func:`producer` at save time).
-    """
-    if tensor is None or tensor._version == saved_version:
-        return
-    raise RuntimeError(
-        "one of the variables needed for gradient computation has been modified by an inplace "
-        f"operation: [{tensor.type()} {list(tensor.shape)}]{where} is at version {tensor._version}; "
-        f"expected version {saved_version} instead. Hint: enable anomaly detection to find the "
-        "operation that failed to compute its gradient, with torch.autograd.set_detect_anomaly(True, "
-        "check_nan=False). (Detected by deltaswap, which swapped or kept this saved tensor.)"
-    )
+    def check(self, tensor: torch.Tensor | None) -> None:
+        """Raise PyTorch's own error if ``tensor`` was modified in place since it was saved.
+
+        Autograd skips its version check for tensors that went through saved-tensor hooks, so the
+        engine repeats it, with the message PyTorch gives without hooks.
+        """
+        if tensor is None or tensor._version == self.version:
+            return
+        where = ""
+        if self.grad_fn_type is not None:
+            name = self.grad_fn_type.__name__.removesuffix("Backward0")
+            where = f", which is output {self.output_nr} of {name},"
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace "
+            f"operation: [{tensor.type()} {list(tensor.shape)}]{where} is at version {tensor._version}; "
+            f"expected version {self.version} instead. Hint: enable anomaly detection to find the "
+            "operation that failed to compute its gradient, with torch.autograd.set_detect_anomaly(True, "
+            "check_nan=False). (Detected by deltaswap, which swapped or kept this saved tensor.)"
+        )
 
 
 class SwappedStorage:
@@ -138,23 +147,22 @@ class SwappedStorage:
 class KeptTensor:
     """A saved tensor left where it was: returned as is, after the in-place check."""
 
-    __slots__ = ("position", "producer", "tensor", "version")
+    __slots__ = ("origin", "position", "tensor")
 
     def __init__(self, tensor: torch.Tensor, position: int) -> None:
         self.tensor = tensor
-        self.version = tensor._version
-        self.producer = producer(tensor)
+        self.origin = Origin(tensor)
         self.position = position
 
     def unpack(self) -> torch.Tensor:
-        check_version(self.tensor, self.version, self.producer)
+        self.origin.check(self.tensor)
         return self.tensor
 
 
 class SwappedTensor:
     """A saved tensor that lives in a :class:`SwappedStorage`: rebuilt as the same view on unpack."""
 
-    __slots__ = ("dtype", "offset", "origin", "position", "producer", "size", "storage", "stride", "version")
+    __slots__ = ("dtype", "offset", "origin", "position", "size", "storage", "stride", "tensor_ref")
 
     def __init__(self, tensor: torch.Tensor, storage: SwappedStorage, position: int) -> None:
         self.storage = storage
@@ -163,13 +171,12 @@ class SwappedTensor:
         self.size = tensor.size()
         self.stride = tensor.stride()
         self.dtype = tensor.dtype
-        self.version = tensor._version
-        self.producer = producer(tensor)
+        self.origin = Origin(tensor)
         self.position = position
-        self.origin: Any = weakref.ref(tensor)
+        self.tensor_ref: Any = weakref.ref(tensor)
 
     def unpack(self) -> torch.Tensor:
-        check_version(self.origin(), self.version, self.producer)
+        self.origin.check(self.tensor_ref())
         data = self.storage.on_device()
         out = torch.empty(0, dtype=self.dtype, device=data.device)
         return out.set_(data.untyped_storage(), self.offset, self.size, self.stride)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from deltaswap.swap import OffloadConfig, format_bytes, parse_bytes
 
 

@@ -9,10 +9,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from deltaswap.swap import ActivationOffloader, OffloadConfig, SyncCopyBackend, offload_activations
-from gpt import GPT, GPTConfig, random_batch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+
+from deltaswap.swap import ActivationOffloader, OffloadConfig, SyncCopyBackend, offload_activations
+
+from gpt import GPT, GPTConfig, random_batch
 
 ALL = OffloadConfig(min_bytes=0)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from deltaswap.swap import Copy, HostMemoryError, PinnedPool, SyncCopyBackend
 from deltaswap.swap.pool import ALIGN
 

@@ -1,0 +1,302 @@
+"""Benchmark deltaswap's swap engine against torch's built-ins on one GPU.
+
+Measures pinned and pageable PCIe bandwidth (device->host, host->device, both at once), then trains a
+GPT-style decoder (bf16 autocast, SDPA attention, fused AdamW) under:
+
+- ``plain``: nothing saved differently (the reference every ratio is taken against, in this process);
+- ``checkpoint``: torch per-block activation checkpointing (``use_reentrant=False``);
+- ``save_on_cpu``: torch's ``save_on_cpu(pin_memory=True)``;
+- ``swap_all``: deltaswap swapping every saved activation of at least ``--min-bytes``;
+- ``swap_first2``: deltaswap swapping only the first two blocks' activations;
+- ``engine_only``: deltaswap's hooks active but nothing swapped (its host-side overhead alone).
+
+For ``swap_all`` it prints the transfer-bound time ``max(T_fwd, B/BW_d2h) + max(T_bwd, B/BW_h2d) + T_opt``
+(bandwidths measured here, times from the plain run) and the GPU memory still held at the end of the
+forward pass by tensors whose copies had not finished.
+
+Launch::
+
+    python examples/benchmark.py                                  # 16 layers, d 2048, seq 2048, batch 8
+    python examples/benchmark.py --preset gpt2-medium --batch-size 4 --out out/bench.json
+    python examples/benchmark.py --modes plain swap_first2 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltaswap.swap import ActivationOffloader, OffloadConfig
+
+from gpt import GPT, PRESETS, random_batch
+
+GiB = 1 << 30
+MODES = ("plain", "checkpoint", "swap_first2", "swap_all", "save_on_cpu", "engine_only")
+
+
+# -- PCIe ------------------------------------------------------------------------------------------
+def _copy_rate(dst: torch.Tensor, src: torch.Tensor, reps: int) -> float:
+    """GB/s of ``dst.copy_(src)`` on a side stream, timed with CUDA events."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            dst.copy_(src, non_blocking=True)
+        end.record()
+    end.synchronize()
+    return src.numel() * reps / start.elapsed_time(end) / 1e6
+
+
+def _duplex_rate(nbytes: int, reps: int) -> float:
+    """Total GB/s with one device->host and one host->device copy stream running at once."""
+    h_out, h_in = (torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2))
+    d_out, d_in = (torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(2))
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    s1.wait_event(start)
+    s2.wait_event(start)
+    for _ in range(reps):
+        with torch.cuda.stream(s1):
+            h_out.copy_(d_out, non_blocking=True)
+        with torch.cuda.stream(s2):
+            d_in.copy_(h_in, non_blocking=True)
+    torch.cuda.current_stream().wait_stream(s1)
+    torch.cuda.current_stream().wait_stream(s2)
+    end.record()
+    end.synchronize()
+    return 2 * nbytes * reps / start.elapsed_time(end) / 1e6
+
+
+def _footprint_rates(total: int, piece: int) -> tuple[float, float]:
+    """D2H and H2D GB/s of ``piece``-byte copies walking once over ``total`` bytes of pinned memory (1 GiB
+    chunks, as the engine's pool holds them), rather than reusing one buffer: the regime the engine copies
+    in, where the host memory's address translations are not warm."""
+    chunks = [torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True) for _ in range(total >> 30)]
+    slices = [c[i : i + piece] for c in chunks for i in range(0, c.numel(), piece)]
+    dev = torch.empty(piece, dtype=torch.uint8, device="cuda")
+    rates = []
+    for to_host in (True, False):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for host in slices:
+            if to_host:
+                host.copy_(dev, non_blocking=True)
+            else:
+                dev.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        rates.append(piece * len(slices) / start.elapsed_time(end) / 1e6)
+    return rates[0], rates[1]
+
+
+def measure_bandwidth() -> dict[str, float]:
+    """Pinned and pageable copy rates in GB/s (1e9 bytes/s)."""
+    out: dict[str, float] = {}
+    out["pinned_d2h_8GiB_walk"], out["pinned_h2d_8GiB_walk"] = _footprint_rates(8 << 30, 64 << 20)
+    for label, nbytes, reps in (("256MB", 256 << 20, 8), ("1MB", 1 << 20, 200)):
+        dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        for kind, pinned in (("pinned", True), ("pageable", False)):
+            if kind == "pageable" and label == "1MB":
+                continue
+            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+            out[f"{kind}_d2h_{label}"] = _copy_rate(host, dev, reps if pinned else 3)
+            out[f"{kind}_h2d_{label}"] = _copy_rate(dev, host, reps if pinned else 3)
+    out["pinned_duplex_256MB"] = _duplex_rate(256 << 20, 8)
+    return out
+
+
+# -- training modes --------------------------------------------------------------------------------
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run_mode(
+    name: str,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    ctx_factory: Callable[[], contextlib.AbstractContextManager],
+    *,
+    warmup: int,
+    steps: int,
+    profile: str | None = None,
+) -> dict[str, Any]:
+    """Train ``warmup + steps`` steps under ``ctx_factory()``; time and measure the last ``steps``."""
+    times: dict[str, list[float]] = {"step": [], "fwd": [], "bwd": [], "opt": []}
+    peaks, fwd_end, losses = [], [], []
+    for i in range(warmup + steps):
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        ev[0].record()
+        with ctx_factory(), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(*batch)
+            held = torch.cuda.memory_allocated() - before  # host-side allocator stats: no sync
+        ev[1].record()
+        loss.backward()
+        ev[2].record()
+        peak = torch.cuda.max_memory_allocated() - before
+        optimizer.step()
+        ev[3].record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times["step"].append(ev[0].elapsed_time(ev[3]))
+            times["fwd"].append(ev[0].elapsed_time(ev[1]))
+            times["bwd"].append(ev[1].elapsed_time(ev[2]))
+            times["opt"].append(ev[2].elapsed_time(ev[3]))
+            peaks.append(peak)
+            fwd_end.append(held)
+            losses.append(loss.item())
+    if profile is not None:
+        _profile_step(model, optimizer, batch, ctx_factory, Path(f"{profile}_{name}.txt"))
+    result: dict[str, Any] = {f"{k}_ms": _median(v) for k, v in times.items()}
+    result["act_peak_gib"] = max(peaks) / GiB
+    result["fwd_end_gib"] = _median(fwd_end) / GiB
+    result["loss"] = losses[-1]
+    print(f"  {name:<12} step {result['step_ms']:8.1f} ms  act peak {result['act_peak_gib']:6.2f} GiB",
+          flush=True)
+    return result
+
+
+def _profile_step(
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    ctx_factory: Callable[[], contextlib.AbstractContextManager],
+    path: Path,
+) -> None:
+    """One more step under torch.profiler: the kernel and copy table, for looking at where time went."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("forward"), ctx_factory(), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(*batch)
+        with record_function("backward"):
+            loss.backward()
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="bench", choices=sorted(PRESETS))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--min-bytes", default="1MiB")
+    parser.add_argument("--lookahead", default="0.25", help="prefetch_lookahead: a fraction or a size")
+    parser.add_argument("--modes", nargs="+", default=list(MODES[:5]), choices=MODES)
+    parser.add_argument("--profile", default=None, help="write a torch.profiler summary of one step per mode")
+    parser.add_argument("--out", default="benchmark.json", help="where to write the JSON results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmark.py measures PCIe and GPU step times: it needs a CUDA device.", file=sys.stderr)
+        return 2
+    lookahead: float | str = float(args.lookahead) if "." in args.lookahead else args.lookahead
+
+    cfg = PRESETS[args.preset]
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    bandwidth = measure_bandwidth()
+    for key, value in bandwidth.items():
+        print(f"  {key:<24}{value:7.1f} GB/s")
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = GPT(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    batch = random_batch(cfg, args.batch_size, "cuda", torch.Generator().manual_seed(0))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.preset} {n_params / 1e6:.0f}M params, batch {args.batch_size}, seq {cfg.seq_len}")
+
+    config = OffloadConfig(min_bytes=args.min_bytes, prefetch_lookahead=lookahead)
+    results: dict[str, Any] = {}
+    for mode in args.modes:
+        offloader: ActivationOffloader | None = None
+        model.checkpoint_blocks = mode == "checkpoint"
+        if mode == "swap_all":
+            offloader = ActivationOffloader(config)
+        elif mode == "swap_first2":
+            offloader = ActivationOffloader(config, modules=list(model.blocks[:2]))
+        elif mode == "engine_only":
+            offloader = ActivationOffloader(OffloadConfig(min_bytes=1 << 60))
+        if offloader is not None:
+            factory: Callable[[], contextlib.AbstractContextManager] = lambda o=offloader: o  # noqa: E731
+        elif mode == "save_on_cpu":
+            factory = lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)  # noqa: E731
+        else:
+            factory = contextlib.nullcontext
+        results[mode] = run_mode(
+            mode, model, optimizer, batch, factory, warmup=args.warmup, steps=args.steps, profile=args.profile
+        )
+        if offloader is not None:
+            stats = offloader.stats
+            results[mode]["engine"] = {k: getattr(stats, k) for k in stats.__dataclass_fields__}
+            offloader.close()
+    model.checkpoint_blocks = False
+
+    summary = summarize(results, bandwidth)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset,
+        "batch_size": args.batch_size, "bandwidth_gbps": bandwidth, "modes": results, "summary": summary,
+    }, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def summarize(results: dict[str, Any], bandwidth: dict[str, float]) -> dict[str, Any]:
+    """Print the table (ratios against plain from this process) and the swap-all transfer bound."""
+    summary: dict[str, Any] = {}
+    plain = results.get("plain")
+    print(f"\n{'mode':<12}{'step ms':>9}{'x plain':>9}{'fwd ms':>8}{'bwd ms':>8}{'act peak GiB':>14}"
+          f"{'fwd-end GiB':>13}{'swapped GiB':>13}{'D2H GB/s':>10}{'H2D GB/s':>10}{'stall ms':>10}")
+    for mode, r in results.items():
+        ratio = r["step_ms"] / plain["step_ms"] if plain else float("nan")
+        eng = r.get("engine", {})
+        swapped = eng.get("bytes_offloaded", 0) / GiB
+        print(f"{mode:<12}{r['step_ms']:9.1f}{ratio:9.3f}{r['fwd_ms']:8.1f}{r['bwd_ms']:8.1f}"
+              f"{r['act_peak_gib']:14.2f}{r['fwd_end_gib']:13.2f}{swapped:13.2f}"
+              f"{eng.get('d2h_gbps', 0):10.1f}{eng.get('h2d_gbps', 0):10.1f}"
+              f"{eng.get('backward_stall_ms', 0):10.1f}")
+        summary[f"{mode}_x_plain"] = ratio
+    if plain and "swap_all" in results:
+        eng = results["swap_all"]["engine"]
+        d2h_s = eng["bytes_offloaded"] / (bandwidth["pinned_d2h_256MB"] * 1e9) * 1e3
+        h2d_s = eng["bytes_prefetched"] / (bandwidth["pinned_h2d_256MB"] * 1e9) * 1e3
+        bound = max(plain["fwd_ms"], d2h_s) + max(plain["bwd_ms"], h2d_s) + plain["opt_ms"]
+        summary["swap_all_bound_ms"] = bound
+        summary["swap_all_x_bound"] = results["swap_all"]["step_ms"] / bound
+        summary["swap_all_inflight_at_fwd_end_gib"] = eng["inflight_bytes_at_exit"] / GiB
+        print(f"\nswap_all: {eng['bytes_offloaded'] / GiB:.2f} GiB each way; transfer-bound time "
+              f"max({plain['fwd_ms']:.1f}, {d2h_s:.1f}) + max({plain['bwd_ms']:.1f}, {h2d_s:.1f}) + "
+              f"opt {plain['opt_ms']:.1f} = {bound:.1f} ms; measured {results['swap_all']['step_ms']:.1f} ms "
+              f"= {summary['swap_all_x_bound']:.3f} x bound")
+        print(f"swap_all: at the end of the forward pass the GPU still held "
+              f"{results['swap_all']['fwd_end_gib']:.2f} GiB (plain: {plain['fwd_end_gib']:.2f} GiB); "
+              f"{summary['swap_all_inflight_at_fwd_end_gib']:.2f} GiB of it were tensors whose copy to host "
+              f"had not finished")
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())
