@@ -8,6 +8,7 @@ from types import TracebackType
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from .backend import CopyBackend, CudaCopyBackend
@@ -103,6 +104,7 @@ class ActivationOffloader:
             on_pool_full=self._warn_pool_full,
         )
         self._depth = 0
+        self._module_hooks.append(register_module_forward_pre_hook(self._step.note_module))
         if self._modules is not None:
             for module in self._modules:
                 self._module_hooks.append(module.register_forward_pre_hook(self._enter_module))

@@ -50,18 +50,29 @@ class OffloadStep:
         self._storages: list[weakref.ref[SwappedStorage]] = []
         self._by_ptr: dict[int, list[weakref.ref[SwappedStorage]]] = {}
         self._inflight: deque[weakref.ref[SwappedStorage]] = deque()
+        self._buffer_ptrs: set[int] = set()
         self._next_prefetch: int | None = None
         self._progress = 0
         self._lookahead = 0
 
     # -- forward ----------------------------------------------------------------------------------
+    def note_module(self, module: torch.nn.Module, *_: object) -> None:
+        """A module is about to run its forward: its buffers, like its parameters, are kept if saved."""
+        for buffer in module._buffers.values():
+            if buffer is not None:
+                self._buffer_ptrs.add(buffer.data_ptr())
+
     def pack(self, tensor: torch.Tensor) -> Saved:
         position = self.cursor
         nbytes = tensor.numel() * tensor.element_size()
         base = tensor if tensor._base is None else tensor._base
-        # Parameters, user leaves that require grad, and views of them (``weight.t()`` in a linear
-        # layer) are held elsewhere anyway: swapping them would move bytes without freeing any.
-        is_activation = not (isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad))
+        # Parameters, module buffers, user leaves that require grad, and views of them (``weight.t()``
+        # in a linear layer) are held elsewhere anyway: swapping them would move bytes, freeing none.
+        is_activation = not (
+            isinstance(base, torch.nn.Parameter)
+            or (base.is_leaf and base.requires_grad)
+            or (base.is_leaf and base.data_ptr() in self._buffer_ptrs)
+        )
         if not (is_activation and self._swappable(tensor, nbytes)):
             return self._keep(tensor, position, nbytes if is_activation else 0)
         self._reap()
@@ -136,6 +147,7 @@ class OffloadStep:
                 host.hand_source_to_allocator()
         self._inflight.clear()
         self._by_ptr.clear()
+        self._buffer_ptrs.clear()
 
     # -- backward ---------------------------------------------------------------------------------
     def unpack(self, saved: Saved) -> torch.Tensor:

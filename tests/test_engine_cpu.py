@@ -79,6 +79,26 @@ def test_parameters_leaves_and_small_tensors_are_kept() -> None:
     assert off.stats.tensors_kept == 3 and off.stats.bytes_kept == 8 * 32 * 4
 
 
+def test_module_buffers_are_kept() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(64, 64)
+            self.register_buffer("scale", torch.rand(32, 64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.scale  # mul saves the buffer (for the input's gradient)
+
+    model = Scaled()
+    off = ActivationOffloader(ALL, backend=SyncCopyBackend())
+    with off:
+        loss = model(torch.randn(32, 64)).sum()
+    loss.backward()
+    # mul saves the buffer (for its other input's gradient); the linear saves x (for the weight's)
+    assert off.stats.tensors_kept == 1, "the buffer is held by the module: swapping it frees nothing"
+    assert off.stats.tensors_offloaded == 1
+
+
 def test_memory_is_actually_released_in_the_forward() -> None:
     lin = nn.Linear(256, 256)
     refs: list[StorageWeakRef] = []
