@@ -58,8 +58,10 @@ class CopyBackend(Protocol):
         """Milliseconds between two marks. May block until ``end`` is reached: call outside the forward."""
         ...
 
-    def hold_until_copied(self, tensor: torch.Tensor) -> None:
-        """Keep ``tensor``'s memory from being reused before every copy issued so far has read it."""
+    def hold_until_copied(self, tensor: torch.Tensor, *, to_host: bool) -> None:
+        """Keep ``tensor``'s device memory from being reused before every copy issued so far on the
+        device->host (``to_host``) or host->device stream has finished with it, whichever thread or
+        stream frees it."""
         ...
 
 
@@ -141,8 +143,8 @@ class CudaCopyBackend:
         end.synchronize()
         return float(start.elapsed_time(end))
 
-    def hold_until_copied(self, tensor: torch.Tensor) -> None:
-        tensor.record_stream(self.d2h_stream)
+    def hold_until_copied(self, tensor: torch.Tensor, *, to_host: bool) -> None:
+        tensor.record_stream(self.d2h_stream if to_host else self.h2d_stream)
 
 
 class SyncCopyBackend:
@@ -190,5 +192,5 @@ class SyncCopyBackend:
     def elapsed_ms(self, start: Any, end: Any) -> float:
         return (end - start) * 1e3
 
-    def hold_until_copied(self, tensor: torch.Tensor) -> None:
+    def hold_until_copied(self, tensor: torch.Tensor, *, to_host: bool) -> None:
         return None

@@ -137,7 +137,7 @@ class ActivationOffloader:
         so read it after the backward pass, not inside the forward."""
         if self._step is None or self._pool is None or self._backend is None:
             return OffloadStats()
-        return self._step.counters.summarize(self._backend, self._pool.in_use, self._pool.capacity)
+        return self._step.counters.summarize(self._backend, *self._pool.usage())
 
     @property
     def backend(self) -> CopyBackend | None:

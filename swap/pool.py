@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -95,11 +96,13 @@ class PinnedPool:
         self._available = available
         self._chunks: list[_Chunk] = []
         self._lock = threading.Lock()
+        self._returned: deque[PinnedBlock] = deque()
         self._seq = 0
         self.capacity = 0
         """Bytes of host memory the pool holds."""
         self.in_use = 0
-        """Bytes handed out to live blocks now."""
+        """Bytes handed out to live blocks (may lag blocks returned from other threads: see
+        :meth:`usage`)."""
         self.peak_in_use = 0
         """The most bytes ever handed out at once."""
         self.fixed = fixed_bytes is not None
@@ -140,6 +143,7 @@ class PinnedPool:
         """A block of at least ``nbytes``; grows the pool if needed. ``None`` if a fixed pool is full."""
         size = _round_up(max(nbytes, 1), ALIGN)
         with self._lock:
+            self._merge_returned()
             block = self._take(size)
             if block is None and not self.fixed:
                 self._grow(size)
@@ -178,11 +182,31 @@ class PinnedPool:
             block.last_read, block.read_seq = copy, self._seq
 
     def free(self, block: PinnedBlock) -> None:
-        """Return ``block``. Its memory is reused only after the last copy that read it."""
-        last_read, seq = block.last_read, block.read_seq
-        if last_read is None:  # never read back: ordering against its own write is the D2H stream's
-            last_read, seq = block.reuse_after, -1
+        """Return ``block``. Its memory is reused only after the last copy that read it.
+
+        Safe from any thread and from a finalizer that the garbage collector runs while this thread holds
+        the pool's lock: the block is queued, and merged back by whichever call takes the lock next.
+        """
+        self._returned.append(block)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._merge_returned()
+            finally:
+                self._lock.release()
+
+    def usage(self) -> tuple[int, int]:
+        """``(bytes in use, bytes held)`` now, after merging blocks returned from other threads."""
         with self._lock:
+            self._merge_returned()
+            return self.in_use, self.capacity
+
+    def _merge_returned(self) -> None:
+        """Merge queued blocks back into their chunks' free lists. Call with the lock held."""
+        while self._returned:
+            block = self._returned.popleft()
+            last_read, seq = block.last_read, block.read_seq
+            if last_read is None:  # never read back: its own write is ordered on the D2H stream
+                last_read, seq = block.reuse_after, -1
             self.in_use -= block.size
             free = self._chunks[block.chunk].free
             free.append(_Free(block.offset, block.size, last_read, seq))
@@ -201,6 +225,7 @@ class PinnedPool:
     def release(self) -> None:
         """Drop every chunk. Only for when no block is in use (end of training)."""
         with self._lock:
+            self._merge_returned()
             if self.in_use:
                 in_use = format_bytes(self.in_use)
                 raise RuntimeError(f"cannot release the pinned pool: {in_use} still in use")

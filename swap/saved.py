@@ -17,16 +17,18 @@ if TYPE_CHECKING:
 class Origin:
     """What the in-place check needs to know about a saved tensor, captured cheaply at save time."""
 
-    __slots__ = ("grad_fn_type", "output_nr", "version")
+    __slots__ = ("grad_fn_type", "output_nr", "shape", "version")
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.version = tensor._version
+        self.shape = tensor.shape
         grad_fn = tensor.grad_fn
         self.grad_fn_type = None if grad_fn is None else type(grad_fn)
         self.output_nr = tensor.output_nr
 
     def check(self, tensor: torch.Tensor | None) -> None:
-        """Raise PyTorch's own error if ``tensor`` was modified in place since it was saved.
+        """Raise PyTorch's own error if ``tensor`` (the saved tensor, or any tensor sharing its version
+        counter, such as its base) was modified in place since it was saved.
 
         Autograd skips its version check for tensors that went through saved-tensor hooks, so the
         engine repeats it, with the message PyTorch gives without hooks.
@@ -39,7 +41,7 @@ class Origin:
             where = f", which is output {self.output_nr} of {name},"
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an inplace "
-            f"operation: [{tensor.type()} {list(tensor.shape)}]{where} is at version {tensor._version}; "
+            f"operation: [{tensor.type()} {list(self.shape)}]{where} is at version {tensor._version}; "
             f"expected version {self.version} instead. Hint: enable anomaly detection to find the "
             "operation that failed to compute its gradient, with torch.autograd.set_detect_anomaly(True, "
             "check_nan=False). (Detected by deltaswap, which swapped or kept this saved tensor.)"
@@ -76,7 +78,7 @@ class SwappedStorage:
         self._backend = backend
         self._pool = pool
         self._counters = counters
-        self._storage_ref = torch.multiprocessing.reductions.StorageWeakRef(source.untyped_storage())
+        self.data_ptr = source.untyped_storage().data_ptr()
         self.source: torch.Tensor | None = source
         """The device bytes, held until the device->host copy has read them."""
         self.d2h: Copy = backend.copy_to_host(block.buffer, source, block.reuse_after)
@@ -87,10 +89,11 @@ class SwappedStorage:
         counters.bytes_offloaded += self.nbytes
         counters.d2h.append(self.d2h)
 
-    def covers(self, begin: int, end: int, elem_size: int, version: int) -> bool:
-        """Can a view spanning bytes ``[begin, end)`` of the same storage be served by this copy?"""
+    def covers(self, data_ptr: int, begin: int, end: int, elem_size: int, version: int) -> bool:
+        """Can a view spanning bytes ``[begin, end)`` of the same storage (found by identity) at
+        ``data_ptr`` be served by this copy?"""
         return (
-            not self._storage_ref.expired()
+            data_ptr == self.data_ptr
             and version == self.version
             and self.start <= begin
             and end <= self.start + self.nbytes
@@ -106,7 +109,7 @@ class SwappedStorage:
     def hand_source_to_allocator(self) -> None:
         """Drop the device bytes now; the allocator reuses them only after the copy stream read them."""
         if self.source is not None:
-            self._backend.hold_until_copied(self.source)
+            self._backend.hold_until_copied(self.source, to_host=True)
             self.source = None
 
     def prefetch(self) -> None:
@@ -134,10 +137,10 @@ class SwappedStorage:
     def __del__(self) -> None:
         try:
             self.hand_source_to_allocator()
-            if self.device_bytes is not None and not self._waited and self.h2d is not None:
-                # Prefetched but never used: the compute stream must not reuse the memory before the copy
-                # into it has finished.
-                self._backend.wait(self.h2d)
+            if self.device_bytes is not None and not self._waited:
+                # Prefetched but never used: the memory must not be reused before the copy into it has
+                # finished, whichever thread and stream drop it.
+                self._backend.hold_until_copied(self.device_bytes, to_host=False)
             self.device_bytes = None
             self._pool.free(self.block)
         except Exception:  # pragma: no cover - interpreter shutdown
@@ -150,7 +153,10 @@ class KeptTensor:
     __slots__ = ("origin", "position", "tensor")
 
     def __init__(self, tensor: torch.Tensor, position: int) -> None:
-        self.tensor = tensor
+        # Holding the tensor itself would make a cycle when an op saves its own output (output ->
+        # grad_fn -> this -> output) that outlives a graph dropped without backward. A detached alias
+        # shares the storage and the version counter, not the grad_fn.
+        self.tensor = tensor.detach()
         self.origin = Origin(tensor)
         self.position = position
 
@@ -173,7 +179,9 @@ class SwappedTensor:
         self.dtype = tensor.dtype
         self.origin = Origin(tensor)
         self.position = position
-        self.tensor_ref: Any = weakref.ref(tensor)
+        # A view dies with the expression that made it, but its base (alive while the view is) shares its
+        # version counter: watch the base, so an in-place change through it is caught.
+        self.tensor_ref: Any = weakref.ref(tensor if tensor._base is None else tensor._base)
 
     def unpack(self) -> torch.Tensor:
         self.origin.check(self.tensor_ref())

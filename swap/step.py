@@ -7,6 +7,7 @@ from collections import deque
 from collections.abc import Callable
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .backend import CopyBackend
 from .config import OffloadConfig
@@ -48,7 +49,7 @@ class OffloadStep:
         self._swap_enabled = swap_enabled
         self._on_pool_full = on_pool_full
         self._storages: list[weakref.ref[SwappedStorage]] = []
-        self._by_ptr: dict[int, list[weakref.ref[SwappedStorage]]] = {}
+        self._by_storage: dict[StorageWeakRef, list[weakref.ref[SwappedStorage]]] = {}
         self._inflight: deque[weakref.ref[SwappedStorage]] = deque()
         self._buffer_ptrs: set[int] = set()
         self._next_prefetch: int | None = None
@@ -81,9 +82,11 @@ class OffloadStep:
         begin = tensor.storage_offset() * esz
         end = begin + (1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))) * esz
         version = tensor._version
-        for ref in self._by_ptr.get(storage.data_ptr(), ()):
+        key = StorageWeakRef(storage)  # identity: the dict's key keeps the address from being reused
+        ptr = storage.data_ptr()
+        for ref in self._by_storage.get(key, ()):
             host = ref()
-            if host is not None and host.covers(begin, end, esz, version):
+            if host is not None and host.covers(ptr, begin, end, esz, version):
                 self.counters.bytes_deduplicated += nbytes
                 return SwappedTensor(tensor, host, position)
         total = storage.nbytes()
@@ -107,7 +110,7 @@ class OffloadStep:
         )
         ref = weakref.ref(host)
         self._storages.append(ref)
-        self._by_ptr.setdefault(storage.data_ptr(), []).append(ref)
+        self._by_storage.setdefault(key, []).append(ref)
         self._inflight.append(ref)
         self.cursor += stop - start
         return SwappedTensor(tensor, host, position)
@@ -117,6 +120,8 @@ class OffloadStep:
             type(tensor) is torch.Tensor
             and tensor.layout == torch.strided
             and not tensor.is_nested
+            and not tensor.is_conj()  # a lazy conjugate or negation is a flag on the view,
+            and not tensor.is_neg()  # which rebuilding from bytes would drop
             and nbytes > 0
             and nbytes >= self.config.min_bytes
             and self._backend.accepts(tensor)
@@ -146,7 +151,7 @@ class OffloadStep:
                 self.counters.inflight_bytes_at_exit += host.nbytes
                 host.hand_source_to_allocator()
         self._inflight.clear()
-        self._by_ptr.clear()
+        self._by_storage.clear()
         self._buffer_ptrs.clear()
 
     # -- backward ---------------------------------------------------------------------------------

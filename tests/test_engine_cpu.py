@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -378,3 +379,78 @@ def test_without_cuda_it_warns_once_and_changes_nothing(
     for grads in results:
         assert_bitwise_equal(plain, grads)
     assert off.stats.tensors_offloaded == 0 and off.backend is None
+
+
+def test_lazy_conjugate_and_negative_views_keep_their_meaning() -> None:
+    x = torch.randn(64, 64, dtype=torch.complex64, requires_grad=True)
+    w = torch.randn(64, 64, dtype=torch.complex64, requires_grad=True)
+
+    def grads(ctx: contextlib.AbstractContextManager) -> list[torch.Tensor]:
+        x.grad = w.grad = None
+        with ctx:
+            h = x * 2
+            loss = (h.conj() * w).abs().sum() + (h.conj().imag * w.real).sum()  # conj and neg bits
+        loss.backward()
+        return [x.grad.clone(), w.grad.clone()]
+
+    plain = grads(contextlib.nullcontext())
+    assert_bitwise_equal(plain, grads(ActivationOffloader(ALL, backend=SyncCopyBackend())))
+
+
+def test_inplace_change_through_the_base_of_a_saved_view_raises() -> None:
+    a = torch.randn(256, 256, requires_grad=True)
+    w = torch.randn(256, 256, requires_grad=True)
+
+    def forward_then_mutate(ctx: contextlib.AbstractContextManager) -> None:
+        with ctx:
+            h = a * 2
+            loss = (h[:128] * w[:128]).sum()  # mul saves the temporary view h[:128]
+        h.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+    forward_then_mutate(contextlib.nullcontext())
+    forward_then_mutate(ActivationOffloader(ALL, backend=SyncCopyBackend()))
+
+
+def test_a_dropped_graph_frees_kept_outputs() -> None:
+    """An op that saves its own output must not leave a reference cycle through the engine."""
+    a = torch.randn(256, 256, requires_grad=True)
+    off = ActivationOffloader(OffloadConfig(min_bytes=1 << 40), backend=SyncCopyBackend())
+    with off:
+        h = (a * 2).exp()  # exp saves its result, kept (below min_bytes)
+        loss = h.sum()
+    storage = StorageWeakRef(h.untyped_storage())
+    del h, loss  # e.g. an evaluation forward with grad enabled, or an exception before backward
+    assert storage.expired(), "freed by reference counting, without waiting for the cycle collector"
+
+
+def test_garbage_collection_inside_the_pool_does_not_deadlock() -> None:
+    """The collector may run a saved tensor's finalizer (which returns its pinned block) while the pool
+    holds its lock to grow; that must not block."""
+
+    class CollectingBackend(SyncCopyBackend):
+        def alloc_host(self, nbytes: int) -> torch.Tensor:
+            gc.collect()
+            return super().alloc_host(nbytes)
+
+    class Holder:
+        pass
+
+    def scenario() -> None:
+        off = ActivationOffloader(ALL, backend=CollectingBackend())
+        a = torch.randn(256, 256, requires_grad=True)
+        with off:
+            hold = Holder()
+            hold.me, hold.graph = hold, (a * 2).exp()  # a graph held only by a reference cycle
+            del hold
+            b = (torch.randn(8 << 20, requires_grad=True) * 2).exp()  # 32 MiB: the pool grows
+        b.sum().backward()
+        done.append(off.stats.pinned_bytes_in_use)
+
+    done: list[int] = []
+    worker = threading.Thread(target=scenario, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "deadlocked"
+    assert done == [0]

@@ -240,3 +240,27 @@ def test_pinned_memory_stays_flat_over_50_steps() -> None:
     assert len(set(reserved[2:])) == 1, reserved
     assert set(in_use) == {0}
     assert reserved[-1] > 0
+
+
+def test_prefetched_but_unused_copies_do_not_corrupt_later_steps() -> None:
+    """Copies brought back but never used (a partial backward, then the graph is dropped) must finish
+    before their memory is reused."""
+    model, batch = small_gpt(0.1)
+    plain = step(model, batch, contextlib.nullcontext(), autocast=True)
+    backend = CudaCopyBackend()
+    off = ActivationOffloader(OffloadConfig(min_bytes=0, prefetch_lookahead=1.0), backend=backend)
+    outputs: list[torch.Tensor] = []
+    hook = model.blocks[-1].register_forward_hook(lambda m, i, o: outputs.append(o))
+    try:
+        for _ in range(3):
+            outputs.clear()
+            with off, torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(*batch)
+            with torch.cuda.stream(backend.h2d_stream):
+                torch.cuda._sleep(50 * SLEEP)  # every prefetch lands late
+            torch.autograd.grad(loss, outputs[0])  # only the head runs: most prefetches go unused
+            del loss
+            outputs.clear()
+            assert_bitwise_equal(plain, step(model, batch, off, autocast=True))
+    finally:
+        hook.remove()
