@@ -69,7 +69,8 @@ class OffloadStats:
 
 @dataclass
 class StepCounters:
-    """Mutable tallies of one step; turned into :class:`OffloadStats` by :meth:`summarize`."""
+    """Mutable tallies of one step; turned into :class:`OffloadStats` by :meth:`summarize`. Each ``int``
+    field is the :class:`OffloadStats` field of the same name (documented there)."""
 
     tensors_offloaded: int = 0
     bytes_offloaded: int = 0
@@ -86,26 +87,19 @@ class StepCounters:
 
     def summarize(self, backend: CopyBackend, pinned_in_use: int, pinned_reserved: int) -> OffloadStats:
         """Read the copy timings (this waits for the step's copies) and freeze the tallies."""
-        d2h_ms = sum(backend.elapsed_ms(c.start, c.done) for c in self.d2h)
-        h2d_ms = sum(backend.elapsed_ms(c.start, c.done) for c in self.h2d)
-        stall_ms = sum(backend.elapsed_ms(a, b) for a, b in self.stalls)
+        d2h_ms = sum((backend.elapsed_ms(c.start, c.done) for c in self.d2h), 0.0)
+        h2d_ms = sum((backend.elapsed_ms(c.start, c.done) for c in self.h2d), 0.0)
+        stall_ms = sum((backend.elapsed_ms(a, b) for a, b in self.stalls), 0.0)
         d2h_bytes = sum(c.nbytes for c in self.d2h)
         h2d_bytes = sum(c.nbytes for c in self.h2d)
+        tallies = {f.name: getattr(self, f.name) for f in fields(self) if f.type in ("int", int)}
         return OffloadStats(
-            tensors_offloaded=self.tensors_offloaded,
-            bytes_offloaded=self.bytes_offloaded,
-            tensors_prefetched=self.tensors_prefetched,
-            bytes_prefetched=self.bytes_prefetched,
-            tensors_kept=self.tensors_kept,
-            bytes_kept=self.bytes_kept,
-            bytes_kept_pool_full=self.bytes_kept_pool_full,
-            bytes_deduplicated=self.bytes_deduplicated,
+            **tallies,
             d2h_ms=d2h_ms,
             h2d_ms=h2d_ms,
             d2h_gbps=d2h_bytes / d2h_ms / 1e6 if d2h_ms > 0 else 0.0,
             h2d_gbps=h2d_bytes / h2d_ms / 1e6 if h2d_ms > 0 else 0.0,
             backward_stall_ms=stall_ms,
-            inflight_bytes_at_exit=self.inflight_bytes_at_exit,
             pinned_bytes_in_use=pinned_in_use,
             pinned_bytes_reserved=pinned_reserved,
         )

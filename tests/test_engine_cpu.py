@@ -16,6 +16,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from deltaswap.swap import ActivationOffloader, OffloadConfig, SyncCopyBackend, offload_activations
 
 from gpt import GPT, GPTConfig, random_batch
+from helpers import assert_bitwise_equal
 
 ALL = OffloadConfig(min_bytes=0)
 
@@ -32,12 +33,6 @@ def run_step(model: nn.Module, batch: tuple[torch.Tensor, ...], ctx: contextlib.
         loss = model(*batch)
     loss.backward()
     return grads_of(model)
-
-
-def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    assert len(a) == len(b) and len(a) > 0
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x, y)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from deltaswap.swap import ActivationOffloader, CudaCopyBackend, OffloadConfig
 
 from gpt import GPT, GPTConfig, random_batch
+from helpers import assert_bitwise_equal
 
 pytestmark = pytest.mark.gpu
 
@@ -56,13 +57,6 @@ def step(
         loss = model(*batch)
     loss.backward()
     return [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-
-def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    assert len(a) == len(b) and len(a) > 0
-    for x, y in zip(a, b, strict=True):
-        assert torch.isfinite(y).all()
-        assert torch.equal(x, y), (x - y).abs().max().item()
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
