@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from deltaswap.swap import ActivationOffloader, OffloadConfig
 
@@ -119,6 +120,10 @@ def measure_bandwidth() -> dict[str, float]:
 
 
 # -- training modes --------------------------------------------------------------------------------
+def _checkpoint_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return checkpoint(block, x, use_reentrant=False)
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for mode in args.modes:
         offloader: ActivationOffloader | None = None
-        model.checkpoint_blocks = mode == "checkpoint"
+        model.block_runner = _checkpoint_block if mode == "checkpoint" else None
         if mode == "swap_all":
             offloader = ActivationOffloader(config)
         elif mode == "swap_first2":
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = offloader.stats
             results[mode]["engine"] = {k: getattr(stats, k) for k in stats.__dataclass_fields__}
             offloader.close()
-    model.checkpoint_blocks = False
+    model.block_runner = None
 
     summary = summarize(results, bandwidth)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

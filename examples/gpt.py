@@ -6,12 +6,12 @@ position embeddings, a tied language-model head.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -87,8 +87,9 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """A decoder-only transformer. ``forward(idx, targets)`` returns the mean cross-entropy loss, or the
-    logits when ``targets`` is ``None``. ``checkpoint_blocks=True`` recomputes every block in the backward
-    pass (torch's per-block activation checkpointing, for comparison)."""
+    logits when ``targets`` is ``None``. ``block_runner(block, x)``, if set, runs each block instead of
+    ``block(x)``: e.g. torch's ``checkpoint(block, x, use_reentrant=False)`` for per-block
+    checkpointing."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -100,7 +101,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
-        self.checkpoint_blocks = False
+        self.block_runner: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
         self.apply(self._init)
 
     @staticmethod
@@ -113,7 +114,7 @@ class GPT(nn.Module):
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.checkpoint_blocks else block(x)
+            x = block(x) if self.block_runner is None else self.block_runner(block, x)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits

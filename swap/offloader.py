@@ -140,6 +140,12 @@ class ActivationOffloader:
         return self._step.counters.summarize(self._backend, *self._pool.usage())
 
     @property
+    def store(self) -> OffloadStep | None:
+        """While the context is active, the step that stores op outputs swapped or kept by
+        :func:`~deltaswap.swap.recompute.checkpoint_with_policy`; ``None`` otherwise (and without CUDA)."""
+        return self._step if self._active else None
+
+    @property
     def backend(self) -> CopyBackend | None:
         """The copy backend in use (its streams, for profiling), or ``None`` before the first step and
         on a machine without CUDA."""

@@ -14,6 +14,17 @@ if TYPE_CHECKING:
     from .stats import StepCounters
 
 
+def detach_sharing_version(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor.detach()`` that shares the version counter also below autograd.
+
+    Inside a ``TorchDispatchMode`` (where :mod:`~deltaswap.swap.recompute` stores op outputs) a plain
+    ``detach()`` skips the ADInplaceOrView kernel and gets a fresh version counter, hiding later in-place
+    changes. Re-enabling that key for the call is what torch's own selective checkpointing does.
+    """
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False):
+        return tensor.detach()
+
+
 class Origin:
     """What the in-place check needs to know about a saved tensor, captured cheaply at save time."""
 
@@ -156,13 +167,17 @@ class KeptTensor:
         # Holding the tensor itself would make a cycle when an op saves its own output (output ->
         # grad_fn -> this -> output) that outlives a graph dropped without backward. A detached alias
         # shares the storage and the version counter, not the grad_fn.
-        self.tensor = tensor.detach()
+        self.tensor = detach_sharing_version(tensor)
         self.origin = Origin(tensor)
         self.position = position
 
     def unpack(self) -> torch.Tensor:
         self.origin.check(self.tensor)
         return self.tensor
+
+    def is_stale(self) -> bool:
+        """Was the tensor modified in place since it was saved?"""
+        return self.tensor._version != self.origin.version
 
 
 class SwappedTensor:
@@ -182,6 +197,11 @@ class SwappedTensor:
         # A view dies with the expression that made it, but its base (alive while the view is) shares its
         # version counter: watch the base, so an in-place change through it is caught.
         self.tensor_ref: Any = weakref.ref(tensor if tensor._base is None else tensor._base)
+
+    def is_stale(self) -> bool:
+        """Was the tensor (or its base) modified in place since it was saved?"""
+        tensor = self.tensor_ref()
+        return tensor is not None and tensor._version != self.origin.version
 
     def unpack(self) -> torch.Tensor:
         self.origin.check(self.tensor_ref())

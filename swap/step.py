@@ -154,6 +154,15 @@ class OffloadStep:
         self._by_storage.clear()
         self._buffer_ptrs.clear()
 
+    # -- stored op outputs (checkpoint_with_policy) -------------------------------------------------
+    def keep(self, tensor: torch.Tensor) -> KeptTensor:
+        """Hold an op output on its device, counted as activation bytes and backward progress."""
+        return self._keep(tensor, self.cursor, tensor.numel() * tensor.element_size())
+
+    def swap(self, tensor: torch.Tensor) -> Saved:
+        """Swap an op output like a saved tensor (kept if it cannot be swapped)."""
+        return self.pack(tensor)
+
     # -- backward ---------------------------------------------------------------------------------
     def unpack(self, saved: Saved) -> torch.Tensor:
         self._advance(saved.position)

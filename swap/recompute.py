@@ -1,0 +1,227 @@
+"""Per-op keep / swap / recompute inside a checkpointed block.
+
+``torch.utils.checkpoint`` (non-reentrant) discards everything a block saves and re-runs the block in the
+backward pass. With a pair of dispatch modes passed through its public ``context_fn`` argument, each op's
+output can instead be *kept* (held on the GPU), *swapped* (handed to the swap engine, copied back before
+the recompute needs it) or *recomputed*: the recording mode stores the chosen outputs in the forward pass,
+the replaying mode returns them in the recompute instead of running the op again.
+
+torch's own selective checkpointing cannot swap (its ``*_CPU_OFFLOAD`` policies are recompute in eager
+mode), hence this small pair of modes.
+
+Ops that are always recomputed, whatever the policy says: views and in-place ops (their outputs alias
+their inputs, so recomputing them is free), ops that draw random numbers (skipping one would shift every
+later draw of the recompute away from the forward's, so dropout could not be reproduced), and an op whose
+stored output was modified in place later in the forward pass (the stored value is stale).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.checkpoint import checkpoint
+
+from .saved import KeptTensor
+
+
+class OpDecision(enum.Enum):
+    """What to do with one op's output inside a checkpointed block."""
+
+    KEEP = "keep"
+    """Hold the output on the GPU until the block's recompute uses it."""
+    SWAP = "swap"
+    """Copy the output to pinned host memory; bring it back before the block's recompute."""
+    RECOMPUTE = "recompute"
+    """Discard the output; run the op again in the backward pass."""
+
+
+OpPolicy = Callable[[int, torch._ops.OpOverload], OpDecision]
+"""``policy(index, op) -> OpDecision``: ``index`` counts the block's ops in execution order (views and
+``detach`` included, ``aten.detach`` excluded), the same in the forward pass and in the recompute."""
+
+
+class SavedStore(Protocol):
+    """Where stored op outputs go: the swap engine's step (:class:`~deltaswap.swap.step.OffloadStep`), or
+    :class:`LocalStore` when no engine is active."""
+
+    def keep(self, tensor: torch.Tensor) -> Any:
+        """Hold ``tensor``; returns a record with an ``unpack()`` and an ``is_stale()``."""
+        ...
+
+    def swap(self, tensor: torch.Tensor) -> Any:
+        """Copy ``tensor`` to host memory (or keep it if it cannot be swapped); returns a record."""
+        ...
+
+    def unpack(self, record: Any) -> torch.Tensor:
+        """The tensor back, on its device, ready for the compute stream."""
+        ...
+
+
+class LocalStore:
+    """Keeps every stored output on its device: what ``SWAP`` falls back to without a swap engine."""
+
+    def keep(self, tensor: torch.Tensor) -> KeptTensor:
+        return KeptTensor(tensor, 0)
+
+    swap = keep
+
+    def unpack(self, record: KeptTensor) -> torch.Tensor:
+        return record.unpack()
+
+
+def _aliases_an_input(op: torch._ops.OpOverload) -> bool:
+    return any(ret.alias_info is not None for ret in op._schema.returns)
+
+
+def _draws_random_numbers(op: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    if torch.Tag.nondeterministic_seeded not in op.tags:
+        return False
+    # Fused attention kernels carry the tag for their dropout; without dropout they draw nothing.
+    names = [arg.name for arg in op._schema.arguments]
+    if "dropout_p" in names:
+        position = names.index("dropout_p")
+        p = args[position] if position < len(args) else kwargs.get("dropout_p", 0.0)
+        return not isinstance(p, float) or p > 0.0
+    return True
+
+
+_UNCOUNTED = (torch.ops.aten.detach.default,)  # autograd's saving adds these in the recompute only
+
+
+class _Frame:
+    """The stored outputs of one call of a checkpointed block."""
+
+    def __init__(self, policy: OpPolicy, store: SavedStore) -> None:
+        self.policy = policy
+        self.store = store
+        self.records: dict[int, tuple[torch._ops.OpOverload, Any, list[Any]]] = {}
+        self.by_storage: dict[int, list[int]] = {}
+        self.forward_ops = 0
+        self.replay_ops = 0
+
+    def forget_written(self, op: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        """An in-place op wrote into some tensors: a stored output sharing their storage no longer holds
+        the op's value (and a copy to host may race with the write), so it is recomputed instead."""
+        for position, arg in enumerate(op._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            value = args[position] if position < len(args) else kwargs.get(arg.name)
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    for index in self.by_storage.pop(tensor.untyped_storage().data_ptr(), ()):
+                        self.records.pop(index, None)
+
+
+class _RecordingMode(TorchDispatchMode):
+    """Forward pass: run every op, store the outputs the policy keeps or swaps."""
+
+    def __init__(self, frame: _Frame) -> None:
+        super().__init__()
+        self.frame = frame
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if func in _UNCOUNTED:
+            return out
+        frame = self.frame
+        index = frame.forward_ops
+        frame.forward_ops += 1
+        if func._schema.is_mutable:
+            frame.forget_written(func, args, kwargs or {})
+        if _aliases_an_input(func) or _draws_random_numbers(func, args, kwargs or {}):
+            return out
+        decision = frame.policy(index, func)
+        if decision is OpDecision.RECOMPUTE:
+            return out
+        leaves, spec = tree_flatten(out)
+        save = frame.store.swap if decision is OpDecision.SWAP else frame.store.keep
+        records = [save(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        frame.records[index] = (func, spec, records)
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                frame.by_storage.setdefault(leaf.untyped_storage().data_ptr(), []).append(index)
+        return out
+
+
+class _ReplayingMode(TorchDispatchMode):
+    """Recompute: return stored outputs instead of running their ops; run the rest."""
+
+    def __init__(self, frame: _Frame) -> None:
+        super().__init__()
+        self.frame = frame
+
+    def __enter__(self) -> _ReplayingMode:
+        self.frame.replay_ops = 0  # every recompute (a second backward too) starts from the first op
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in _UNCOUNTED:
+            return func(*args, **(kwargs or {}))
+        frame = self.frame
+        index = frame.replay_ops
+        frame.replay_ops += 1
+        stored = frame.records.get(index)
+        if stored is None:
+            return func(*args, **(kwargs or {}))
+        op, spec, records = stored
+        if op != func:
+            raise RuntimeError(
+                f"deltaswap: the recompute of a checkpointed block ran {func} where the forward pass ran "
+                f"{op} (op {index}). The block's forward must run the same ops every time it is called "
+                f"with the same inputs; exclude blocks with data-dependent control flow (block_types)."
+            )
+        if any(getattr(r, "is_stale", _never)() for r in records):
+            return func(*args, **(kwargs or {}))  # modified in place after it was stored: recompute
+        leaves = [frame.store.unpack(r) if hasattr(r, "is_stale") else r for r in records]
+        return tree_unflatten([t.detach() if isinstance(t, torch.Tensor) else t for t in leaves], spec)
+
+
+def _never() -> bool:
+    return False
+
+
+def checkpoint_with_policy(
+    fn: Callable[..., Any],
+    *args: Any,
+    policy: OpPolicy,
+    store: SavedStore | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Run ``fn(*args, **kwargs)`` under non-reentrant checkpointing, keeping, swapping or recomputing
+    each op's output as ``policy`` decides.
+
+    Use it for a repeated block of a model (a transformer layer): the block's inputs are saved as usual
+    (through any outer saved-tensor hooks, such as the swap engine's), and what the block saves inside is
+    decided per op. RNG state and autocast are restored for the recompute, so dropout and mixed precision
+    give the same values; gradients are bitwise equal to running ``fn`` plainly.
+
+    Args:
+        fn: the block (a module or function).
+        policy: ``policy(index, op) -> OpDecision`` for each op of the block.
+        store: where kept and swapped outputs go; the swap engine's step while one is active, else
+            :class:`LocalStore` (``SWAP`` then keeps on the device).
+
+    Example::
+
+        >>> matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+        >>> def save_matmuls(index, op):
+        ...     return OpDecision.KEEP if op in matmuls else OpDecision.RECOMPUTE
+        >>> y = checkpoint_with_policy(block, x, policy=save_matmuls)   # doctest: +SKIP
+
+    .. warning::
+        The block must run the same sequence of ops in the recompute as in the forward pass; a different
+        op at the same position raises an error rather than returning a wrong value.
+    """
+    frame = _Frame(policy, store if store is not None else LocalStore())
+    return checkpoint(
+        fn,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (_RecordingMode(frame), _ReplayingMode(frame)),
+        **kwargs,
+    )

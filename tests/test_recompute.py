@@ -1,0 +1,201 @@
+"""Per-op keep / swap / recompute inside checkpointed blocks, on CPU: gradients bitwise equal to the plain
+run for every policy (dropout on), stored outputs really used, stale outputs recomputed, clear errors."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from deltaswap.swap import ActivationOffloader, OffloadConfig, SyncCopyBackend
+from deltaswap.swap.recompute import OpDecision, OpPolicy, checkpoint_with_policy
+
+from gpt import GPT, GPTConfig, random_batch
+from helpers import assert_bitwise_equal
+
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+def keep_all(index: int, op: torch._ops.OpOverload) -> OpDecision:
+    return OpDecision.KEEP
+
+
+def swap_all(index: int, op: torch._ops.OpOverload) -> OpDecision:
+    return OpDecision.SWAP
+
+
+def recompute_all(index: int, op: torch._ops.OpOverload) -> OpDecision:
+    return OpDecision.RECOMPUTE
+
+
+def keep_matmuls(index: int, op: torch._ops.OpOverload) -> OpDecision:
+    return OpDecision.KEEP if op in MATMULS else OpDecision.RECOMPUTE
+
+
+def alternate(index: int, op: torch._ops.OpOverload) -> OpDecision:
+    return (OpDecision.KEEP, OpDecision.SWAP, OpDecision.RECOMPUTE)[index % 3]
+
+
+POLICIES: dict[str, OpPolicy] = {
+    "keep": keep_all,
+    "swap": swap_all,
+    "recompute": recompute_all,
+    "keep_matmuls": keep_matmuls,
+    "mixed": alternate,
+}
+
+
+def gpt() -> tuple[GPT, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=97, seq_len=32, n_layer=3, n_head=4, d_model=64, dropout=0.1)
+    return GPT(cfg), random_batch(cfg, 4, "cpu", torch.Generator().manual_seed(1))
+
+
+def two_backwards(model: GPT, batch: tuple[torch.Tensor, ...], ctx: contextlib.AbstractContextManager,
+                  runner: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model.block_runner = runner
+    torch.manual_seed(11)
+    with ctx:
+        loss = model(*batch)
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    loss.backward()
+    model.block_runner = None
+    return first + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_every_policy_gives_bitwise_equal_gradients_with_dropout(name: str) -> None:
+    model, batch = gpt()
+    plain = two_backwards(model, batch, contextlib.nullcontext(), None)
+    policy = POLICIES[name]
+
+    def runner(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint_with_policy(block, x, policy=policy)
+
+    assert_bitwise_equal(plain, two_backwards(model, batch, contextlib.nullcontext(), runner))
+
+
+@pytest.mark.parametrize("name", ["swap", "mixed", "keep_matmuls"])
+def test_swapped_outputs_go_through_the_engine_and_come_back(name: str) -> None:
+    model, batch = gpt()
+    plain = two_backwards(model, batch, contextlib.nullcontext(), None)
+    off = ActivationOffloader(OffloadConfig(min_bytes=0), backend=SyncCopyBackend())
+    policy = POLICIES[name]
+
+    def runner(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint_with_policy(block, x, policy=policy, store=off.store)
+
+    assert_bitwise_equal(plain, two_backwards(model, batch, off, runner))
+    stats = off.stats
+    if name == "keep_matmuls":
+        assert stats.bytes_kept > 0
+    else:
+        # outputs modified in place later (dropout's mask buffer on CPU) are recomputed, not brought back
+        assert 0 < stats.bytes_prefetched <= stats.bytes_offloaded
+    assert stats.pinned_bytes_in_use == 0
+
+
+class Counting(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matmuls that actually run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.matmuls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.matmuls += func in MATMULS
+        return func(*args, **(kwargs or {}))
+
+
+def test_stored_outputs_are_not_recomputed() -> None:
+    lin1, lin2 = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(lin2(torch.relu(lin1(x))))  # tanh saves its output: lin2's must be recomputed
+
+    x = torch.randn(8, 32, requires_grad=True)
+    counts = {}
+    for name, run in (
+        ("plain", block),
+        ("recompute", lambda x: checkpoint_with_policy(block, x, policy=recompute_all)),
+        ("keep_matmuls", lambda x: checkpoint_with_policy(block, x, policy=keep_matmuls)),
+    ):
+        y = run(x)
+        with Counting() as counter:
+            y.sum().backward()
+        counts[name] = counter.matmuls
+    assert counts["recompute"] == counts["plain"] + 2, "both linear layers run again"
+    assert counts["keep_matmuls"] == counts["plain"], "their stored outputs are used instead"
+
+
+def test_an_output_modified_in_place_after_it_was_stored_is_recomputed() -> None:
+    w = torch.randn(16, 16, requires_grad=True)
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        y = x @ w  # stored (KEEP) ...
+        z = y * 2
+        y.add_(1)  # ... then modified in place in the forward pass: the stored value is stale
+        return z + y.sin()
+
+    x = torch.randn(8, 16, requires_grad=True)
+    block(x).sum().backward()
+    plain = [x.grad.clone(), w.grad.clone()]
+    x.grad = w.grad = None
+    checkpoint_with_policy(block, x, policy=keep_all).sum().backward()
+    assert_bitwise_equal(plain, [x.grad, w.grad])
+
+
+def test_a_swapped_output_modified_in_place_is_not_brought_back() -> None:
+    """Its copy to host could race with the in-place write on a GPU: it is recomputed instead."""
+    w = torch.randn(16, 16, requires_grad=True)
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        y = x @ w
+        z = y * 2
+        y.add_(1)
+        return z + y.sin()
+
+    x = torch.randn(8, 16, requires_grad=True)
+    block(x).sum().backward()
+    plain = [x.grad.clone(), w.grad.clone()]
+    x.grad = w.grad = None
+    off = ActivationOffloader(OffloadConfig(min_bytes=0), backend=SyncCopyBackend())
+    with off:
+        out = checkpoint_with_policy(block, x, policy=swap_all, store=off.store)
+    out.sum().backward()
+    assert_bitwise_equal(plain, [x.grad, w.grad])
+    y_bytes = 8 * 16 * 4
+    assert off.stats.bytes_prefetched == off.stats.bytes_offloaded - y_bytes, "y's copy is never used"
+
+
+def test_different_ops_in_the_recompute_raise_a_clear_error() -> None:
+    calls = []
+
+    def moody(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        # control flow that changes between calls; exp saves its output, so the recompute must reach it
+        return (x.sin() if len(calls) == 1 else x.cos()).exp()
+
+    x = torch.randn(8, requires_grad=True)
+    y = checkpoint_with_policy(moody, x, policy=keep_all)
+    with pytest.raises(RuntimeError, match="must run the same ops every time"):
+        (y * y).sum().backward()
+
+
+def test_recompute_of_a_block_inside_the_engine_counts_its_inputs_as_progress() -> None:
+    """Block inputs are saved through the engine's hooks (non-reentrant checkpoint saves its region's
+    inputs with the outer hooks), so they are swapped like any activation."""
+    model, batch = gpt()
+    off = ActivationOffloader(OffloadConfig(min_bytes=0), backend=SyncCopyBackend())
+
+    def runner(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint_with_policy(block, x, policy=recompute_all, store=off.store)
+
+    two_backwards(model, batch, off, runner)
+    block_input_bytes = 4 * 32 * 64 * 4
+    assert off.stats.bytes_offloaded >= model.cfg.n_layer * block_input_bytes
