@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from deltaswap.swap.recompute import OpDecision, OpPolicy
+
+from gpt import GPT, GPTConfig, random_batch
+
 
 def assert_bitwise_equal(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> None:
     """Every tensor finite and bit-for-bit equal to the plain run's."""
@@ -11,3 +15,44 @@ def assert_bitwise_equal(expected: list[torch.Tensor], actual: list[torch.Tensor
     for x, y in zip(expected, actual, strict=True):
         assert torch.isfinite(y).all()
         assert torch.equal(x, y), (x - y).abs().max().item()
+
+
+def small_cuda_gpt(dropout: float = 0.0) -> tuple[GPT, tuple[torch.Tensor, torch.Tensor]]:
+    """A 4-layer GPT on the GPU and a batch of 8 x 256 tokens; every saved activation is at least 256 KiB."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=1000, seq_len=256, n_layer=4, n_head=4, d_model=256, dropout=dropout)
+    model = GPT(cfg).cuda()
+    return model, random_batch(cfg, 8, "cuda", torch.Generator().manual_seed(1))
+
+
+# Per-op policies for checkpoint_with_policy, shared by the CPU and GPU recompute tests.
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+def keep_all(index: int, op: torch._ops.OpOverload) -> OpDecision:
+    return OpDecision.KEEP
+
+
+def swap_all(index: int, op: torch._ops.OpOverload) -> OpDecision:
+    return OpDecision.SWAP
+
+
+def recompute_all(index: int, op: torch._ops.OpOverload) -> OpDecision:
+    return OpDecision.RECOMPUTE
+
+
+def keep_matmuls(index: int, op: torch._ops.OpOverload) -> OpDecision:
+    return OpDecision.KEEP if op in MATMULS else OpDecision.RECOMPUTE
+
+
+def alternate(index: int, op: torch._ops.OpOverload) -> OpDecision:
+    return (OpDecision.KEEP, OpDecision.SWAP, OpDecision.RECOMPUTE)[index % 3]
+
+
+POLICIES: dict[str, OpPolicy] = {
+    "keep": keep_all,
+    "swap": swap_all,
+    "recompute": recompute_all,
+    "keep_matmuls": keep_matmuls,
+    "mixed": alternate,
+}

@@ -9,38 +9,17 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deltaswap.swap import ActivationOffloader, CudaCopyBackend, OffloadConfig
 
-from gpt import GPT, GPTConfig, random_batch
+from gpt import GPT
 from helpers import assert_bitwise_equal
+from helpers import small_cuda_gpt as small_gpt
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("deterministic_cuda")]
 
 ALL = OffloadConfig(min_bytes=0)
 SLEEP = 200_000  # GPU cycles: ~0.1 ms, long next to the small kernels of the test model
-
-
-@pytest.fixture(autouse=True)
-def deterministic() -> Iterator[None]:
-    """Make the plain run agree with itself: deterministic kernels, no TF32, math attention."""
-    old = (torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.matmul.allow_tf32,
-           torch.backends.cudnn.allow_tf32)
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
-    torch.use_deterministic_algorithms(old[0])
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[1], old[2]
-
-
-def small_gpt(dropout: float = 0.0) -> tuple[GPT, tuple[torch.Tensor, torch.Tensor]]:
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=1000, seq_len=256, n_layer=4, n_head=4, d_model=256, dropout=dropout)
-    model = GPT(cfg).cuda()
-    return model, random_batch(cfg, 8, "cuda", torch.Generator().manual_seed(1))
 
 
 def step(

@@ -11,41 +11,10 @@ import torch
 from torch import nn
 
 from deltaswap.swap import ActivationOffloader, OffloadConfig, SyncCopyBackend
-from deltaswap.swap.recompute import OpDecision, OpPolicy, checkpoint_with_policy
+from deltaswap.swap.recompute import checkpoint_with_policy
 
 from gpt import GPT, GPTConfig, random_batch
-from helpers import assert_bitwise_equal
-
-MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-
-
-def keep_all(index: int, op: torch._ops.OpOverload) -> OpDecision:
-    return OpDecision.KEEP
-
-
-def swap_all(index: int, op: torch._ops.OpOverload) -> OpDecision:
-    return OpDecision.SWAP
-
-
-def recompute_all(index: int, op: torch._ops.OpOverload) -> OpDecision:
-    return OpDecision.RECOMPUTE
-
-
-def keep_matmuls(index: int, op: torch._ops.OpOverload) -> OpDecision:
-    return OpDecision.KEEP if op in MATMULS else OpDecision.RECOMPUTE
-
-
-def alternate(index: int, op: torch._ops.OpOverload) -> OpDecision:
-    return (OpDecision.KEEP, OpDecision.SWAP, OpDecision.RECOMPUTE)[index % 3]
-
-
-POLICIES: dict[str, OpPolicy] = {
-    "keep": keep_all,
-    "swap": swap_all,
-    "recompute": recompute_all,
-    "keep_matmuls": keep_matmuls,
-    "mixed": alternate,
-}
+from helpers import MATMULS, POLICIES, assert_bitwise_equal, keep_all, keep_matmuls, recompute_all, swap_all
 
 
 def gpt() -> tuple[GPT, tuple[torch.Tensor, torch.Tensor]]:
