@@ -16,19 +16,29 @@ from .backend import Copy, CopyBackend, CudaCopyBackend, SyncCopyBackend
 from .config import OffloadConfig, format_bytes, parse_bytes
 from .offloader import ActivationOffloader, offload_activations
 from .pool import HostMemoryError, PinnedPool
+from .profile import Bandwidth, OpProfiler, OpRecord, measure_bandwidth
+from .recompute import LocalStore, OpDecision, OpPolicy, checkpoint_with_policy
 from .stats import OffloadStats
 
 __all__ = [
     "ActivationOffloader",
+    "Bandwidth",
     "Copy",
     "CopyBackend",
     "CudaCopyBackend",
     "HostMemoryError",
+    "LocalStore",
     "OffloadConfig",
     "OffloadStats",
+    "OpDecision",
+    "OpPolicy",
+    "OpProfiler",
+    "OpRecord",
     "PinnedPool",
     "SyncCopyBackend",
+    "checkpoint_with_policy",
     "format_bytes",
+    "measure_bandwidth",
     "offload_activations",
     "parse_bytes",
 ]

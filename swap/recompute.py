@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
+from .profile import OpProfiler
 from .saved import KeptTensor
 
 
@@ -96,9 +97,11 @@ _UNCOUNTED = (torch.ops.aten.detach.default,)  # autograd's saving adds these in
 class _Frame:
     """The stored outputs of one call of a checkpointed block."""
 
-    def __init__(self, policy: OpPolicy, store: SavedStore) -> None:
+    def __init__(self, policy: OpPolicy, store: SavedStore, profiler: OpProfiler | None) -> None:
         self.policy = policy
         self.store = store
+        self.profiler = profiler
+        self.call = profiler.new_call() if profiler is not None else -1
         self.records: dict[int, tuple[torch._ops.OpOverload, Any, list[Any]]] = {}
         self.by_storage: dict[int, list[int]] = {}
         self.forward_ops = 0
@@ -125,15 +128,21 @@ class _RecordingMode(TorchDispatchMode):
         self.frame = frame
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
         if func in _UNCOUNTED:
-            return out
+            return func(*args, **kwargs)
         frame = self.frame
+        profiler = frame.profiler
+        mark = profiler.start() if profiler is not None else None
+        out = func(*args, **kwargs)
         index = frame.forward_ops
         frame.forward_ops += 1
         if func._schema.is_mutable:
-            frame.forget_written(func, args, kwargs or {})
-        if _aliases_an_input(func) or _draws_random_numbers(func, args, kwargs or {}):
+            frame.forget_written(func, args, kwargs)
+        storable = not (_aliases_an_input(func) or _draws_random_numbers(func, args, kwargs))
+        if profiler is not None:
+            profiler.stop(frame.call, index, func, out, storable, mark)
+        if not storable:
             return out
         decision = frame.policy(index, func)
         if decision is OpDecision.RECOMPUTE:
@@ -190,6 +199,7 @@ def checkpoint_with_policy(
     *args: Any,
     policy: OpPolicy,
     store: SavedStore | None = None,
+    profiler: OpProfiler | None = None,
     **kwargs: Any,
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` under non-reentrant checkpointing, keeping, swapping or recomputing
@@ -205,6 +215,8 @@ def checkpoint_with_policy(
         policy: ``policy(index, op) -> OpDecision`` for each op of the block.
         store: where kept and swapped outputs go; the swap engine's step while one is active, else
             :class:`LocalStore` (``SWAP`` then keeps on the device).
+        profiler: if given, times each op of this call and records its output bytes
+            (:class:`~deltaswap.swap.profile.OpProfiler`).
 
     Example::
 
@@ -217,7 +229,7 @@ def checkpoint_with_policy(
         The block must run the same sequence of ops in the recompute as in the forward pass; a different
         op at the same position raises an error rather than returning a wrong value.
     """
-    frame = _Frame(policy, store if store is not None else LocalStore())
+    frame = _Frame(policy, store if store is not None else LocalStore(), profiler)
     return checkpoint(
         fn,
         *args,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from deltaswap.swap import ActivationOffloader, OffloadConfig, SyncCopyBackend
+from deltaswap.swap.profile import OpProfiler
 from deltaswap.swap.recompute import checkpoint_with_policy
 
 from gpt import GPT, GPTConfig, random_batch
@@ -168,3 +169,20 @@ def test_recompute_of_a_block_inside_the_engine_counts_its_inputs_as_progress() 
     two_backwards(model, batch, off, runner)
     block_input_bytes = 4 * 32 * 64 * 4
     assert off.stats.bytes_offloaded >= model.cfg.n_layer * block_input_bytes
+
+
+def test_profiler_records_every_op_with_its_bytes_and_time() -> None:
+    model, (x, _) = gpt()
+    block = model.blocks[0]
+    h = model.wte(x) + model.wpe(torch.arange(x.shape[1]))
+    profiler = OpProfiler(device="cpu")
+    out = checkpoint_with_policy(block, h, policy=recompute_all, profiler=profiler)
+    out.sum().backward()
+    (records,) = profiler.blocks()
+    assert [r.index for r in records] == list(range(len(records)))
+    by_op = {r.op: r for r in records}
+    mm = next(r for r in records if r.op == "aten.mm.default")
+    assert mm.storable and mm.out_bytes == 4 * 32 * 3 * 64 * 4  # the qkv projection's output
+    assert not by_op["aten.view.default"].storable and by_op["aten.view.default"].out_bytes == 0
+    assert not by_op["aten.bernoulli_.float"].storable, "random ops are never stored"
+    assert all(r.ms >= 0 for r in records) and sum(r.ms for r in records) > 0

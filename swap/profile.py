@@ -1,0 +1,159 @@
+"""Measurements the planner decides from: PCIe bandwidth, and the cost and size of every op in a block.
+
+Both are measured, never assumed: :func:`measure_bandwidth` times pinned copies in each direction and
+both at once (well under a second); :class:`OpProfiler` times every op of every checkpointed block in one
+profiling step (CUDA events on the GPU, the wall clock on a CPU so that planning also runs in CI) and
+records the bytes of its output.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Measured pinned-memory copy rates, GB/s (1e9 bytes per second)."""
+
+    d2h_gbps: float
+    """Device to host."""
+    h2d_gbps: float
+    """Host to device."""
+    duplex_gbps: float
+    """Both directions at once, the two together."""
+
+
+def _rate(nbytes: int, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+    end.synchronize()
+    return nbytes / start.elapsed_time(end) / 1e6
+
+
+def measure_bandwidth(
+    device: torch.device | int | str | None = None, *, nbytes: int = 64 << 20, repeats: int = 4
+) -> Bandwidth:
+    """Time pinned copies of ``nbytes`` to and from ``device``, ``repeats`` times each way, then both
+    ways at once on two streams. With the defaults it moves ~1.5 GB: about 30 ms on PCIe gen5.
+
+    Example::
+
+        >>> bw = measure_bandwidth()                # doctest: +SKIP
+        >>> bw.d2h_gbps, bw.h2d_gbps, bw.duplex_gbps  # doctest: +SKIP
+        (55.1, 54.9, 93.0)
+
+    Raises:
+        RuntimeError: without CUDA (there is no PCIe link to measure; pass a :class:`Bandwidth` to the
+            planner instead).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("measure_bandwidth needs a CUDA device; on a CPU, pass a Bandwidth explicitly")
+    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    gpu = [torch.empty(nbytes, dtype=torch.uint8, device=dev) for _ in range(2)]
+    out_stream, in_stream = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
+    rates = []
+    for stream, dst, src in ((out_stream, host[0], gpu[0]), (in_stream, gpu[1], host[1])):
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)  # warm-up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                dst.copy_(src, non_blocking=True)
+            end.record()
+        rates.append(_rate(nbytes * repeats, start, end))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    compute = torch.cuda.current_stream(dev)
+    start.record(compute)
+    for stream, dst, src in ((out_stream, host[0], gpu[0]), (in_stream, gpu[1], host[1])):
+        stream.wait_event(start)
+        with torch.cuda.stream(stream):
+            for _ in range(repeats):
+                dst.copy_(src, non_blocking=True)
+        compute.wait_stream(stream)
+    end.record(compute)
+    duplex = _rate(2 * nbytes * repeats, start, end)
+    return Bandwidth(d2h_gbps=rates[0], h2d_gbps=rates[1], duplex_gbps=duplex)
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    """One op of one block call, as measured in the profiling step."""
+
+    index: int
+    """Its position in the block (the index a per-op policy receives)."""
+    op: str
+    """The aten overload, e.g. ``aten.mm.default``."""
+    out_bytes: int
+    """Bytes of its tensor outputs: what keeping (or swapping) them holds (or moves); 0 when it is not
+    storable."""
+    ms: float
+    """Measured time to run it: what recomputing it costs."""
+    storable: bool
+    """False for views, in-place and random ops, which are always recomputed."""
+
+
+class OpProfiler:
+    """Times every op of every checkpointed block during one profiling step.
+
+    Pass it to :func:`~deltaswap.swap.recompute.checkpoint_with_policy`; after the step (and the
+    device work) is done, :meth:`blocks` returns one list of :class:`OpRecord` per block call, in
+    forward order. On a CUDA device each op is timed with a pair of events on the current stream (read
+    after the step, so the forward pass is not synchronized); on a CPU with the wall clock.
+
+    Example::
+
+        >>> profiler = OpProfiler()
+        >>> y = checkpoint_with_policy(block, x, policy=recompute_all, profiler=profiler)  # doctest: +SKIP
+        >>> y.sum().backward()                                                            # doctest: +SKIP
+        >>> [(r.op, r.ms) for r in profiler.blocks()[0]][:3]                              # doctest: +SKIP
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        """``device``: where the profiled ops run (default: CUDA if available, else the CPU)."""
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.cuda = torch.device(device).type == "cuda"
+        self._calls: list[list[tuple[int, str, int, bool, Any, Any]]] = []
+
+    def new_call(self) -> int:
+        """Start a block call; returns its number."""
+        self._calls.append([])
+        return len(self._calls) - 1
+
+    def _mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> Any:
+        """A mark before an op."""
+        return self._mark()
+
+    def stop(self, call: int, index: int, op: torch._ops.OpOverload, out: Any, storable: bool,
+             start: Any) -> None:
+        """Record the op that ran since ``start``."""
+        end = self._mark()
+        tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)] if storable else []
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self._calls[call].append((index, str(op), nbytes, storable, start, end))
+
+    def blocks(self) -> list[list[OpRecord]]:
+        """The records of every block call (waits for the timing events)."""
+        result = []
+        for call in self._calls:
+            records = []
+            for index, op, nbytes, storable, start, end in call:
+                if self.cuda:
+                    end.synchronize()
+                    ms = float(start.elapsed_time(end))
+                else:
+                    ms = (end - start) * 1e3
+                records.append(OpRecord(index, op, nbytes, ms, storable))
+            result.append(records)
+        return result
