@@ -13,7 +13,7 @@ Example::
 """
 
 from .backend import Copy, CopyBackend, CudaCopyBackend, SyncCopyBackend
-from .config import OffloadConfig, format_bytes, parse_bytes
+from .config import OffloadConfig, SwapConfig, format_bytes, parse_bytes
 from .offloader import ActivationOffloader, offload_activations
 from .pool import HostMemoryError, PinnedPool
 from .profile import Bandwidth, OpProfiler, OpRecord, measure_bandwidth
@@ -35,6 +35,7 @@ __all__ = [
     "OpProfiler",
     "OpRecord",
     "PinnedPool",
+    "SwapConfig",
     "SyncCopyBackend",
     "checkpoint_with_policy",
     "format_bytes",

@@ -118,3 +118,87 @@ class OffloadConfig:
         if isinstance(look, float):
             return max(1, int(look * step_saved_bytes))
         return int(look)
+
+
+POLICIES = ("auto", "delta", "swap", "recompute", "keep")
+
+
+@dataclass
+class SwapConfig:
+    """What :class:`~deltaswap.swap.manager.ActivationManager` may spend and how it decides.
+
+    Example::
+
+        >>> cfg = SwapConfig(memory_budget="12GiB", policy="auto")
+        >>> cfg.memory_budget
+        12884901888
+        >>> SwapConfig(memory_budget=0.5).memory_budget   # half of the device's memory
+        0.5
+    """
+
+    memory_budget: int | float | str = "auto"
+    """Most GPU memory the step's activations may take. ``"auto"``: what the device has left after
+    weights, gradients and optimizer state, less a safety margin; an int or a size string (``"12GiB"``):
+    bytes; a float in (0, 1]: that fraction of the device's total memory."""
+
+    policy: str = "auto"
+    """``"auto"``: the cheapest mix of keep / swap / recompute per tensor that fits the budget, from
+    measured costs. ``"delta"``: DELTA's rule (recompute a tensor when 2 x its swap time exceeds its
+    compute time, else swap), with the measured bandwidth. ``"swap"``, ``"recompute"``, ``"keep"``: that
+    for every block, whatever the budget (for comparison)."""
+
+    prefetch_lookahead: float | int | str = 0.25
+    """How far ahead of the backward pass swapped tensors are copied back (see
+    :attr:`OffloadConfig.prefetch_lookahead`): measured in bytes of backward progress rather than as a
+    count of tensors, since a count that is right for small tensors is far too short for large ones."""
+
+    min_bytes: int | str = 1 << 20
+    """Saved tensors smaller than this are never swapped."""
+
+    block_types: tuple[type, ...] | None = None
+    """Module classes to plan per block (e.g. ``(MyTransformerLayer,)``). ``None``: the largest group of
+    sibling modules of one class in a ``ModuleList`` or ``Sequential`` (the repeated layers)."""
+
+    bandwidth_gbps: float | None = None
+    """Use this PCIe rate (GB/s, each direction) instead of measuring it."""
+
+    pinned_bytes: int | str | None = None
+    """Fixed size of the pinned host pool (see :attr:`OffloadConfig.pinned_bytes`); ``None`` sizes it
+    from the first step."""
+
+    host_ram_reserve: int | str = "2GiB"
+    """Host RAM the pinned pool always leaves free."""
+
+    def __post_init__(self) -> None:
+        budget = self.memory_budget
+        if isinstance(budget, float):
+            if not 0.0 < budget <= 1.0:
+                raise ValueError(
+                    f"memory_budget={budget} as a fraction of device memory must be in (0, 1]; write e.g. "
+                    f"0.6, a size such as '12GiB', or 'auto'"
+                )
+        elif budget != "auto":
+            self.memory_budget = parse_bytes(budget, name="memory_budget")
+            if self.memory_budget == 0:
+                raise ValueError("memory_budget=0 leaves no room for activations; write a size such as "
+                                 "'12GiB', a fraction such as 0.6, or 'auto'")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy={self.policy!r} is not one of {', '.join(map(repr, POLICIES))}")
+        if self.block_types is not None:
+            types = tuple(self.block_types)
+            if not types or not all(isinstance(t, type) for t in types):
+                raise TypeError(f"block_types must be a tuple of module classes, got {self.block_types!r}")
+            self.block_types = types
+        if self.bandwidth_gbps is not None and not self.bandwidth_gbps > 0:
+            raise ValueError(f"bandwidth_gbps={self.bandwidth_gbps} must be a positive rate in GB/s")
+        self.min_bytes = parse_bytes(self.min_bytes, name="min_bytes")
+        self.offload_config()  # validates the engine's fields with the engine's messages
+
+    def offload_config(self) -> OffloadConfig:
+        """The engine's configuration for these settings."""
+        return OffloadConfig(
+            min_bytes=self.min_bytes,
+            prefetch_lookahead=self.prefetch_lookahead,
+            pinned_bytes=self.pinned_bytes,
+            host_ram_reserve=self.host_ram_reserve,
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deltaswap.swap import OffloadConfig, format_bytes, parse_bytes
+from deltaswap.swap import OffloadConfig, SwapConfig, format_bytes, parse_bytes
 
 
 @pytest.mark.parametrize(
@@ -73,3 +73,37 @@ def test_config_rejects_an_empty_fixed_pool() -> None:
 def test_config_rejects_a_malformed_min_bytes() -> None:
     with pytest.raises(ValueError, match="min_bytes='one meg'"):
         OffloadConfig(min_bytes="one meg")
+
+
+def test_swap_config_budget_forms() -> None:
+    assert SwapConfig().memory_budget == "auto"
+    assert SwapConfig(memory_budget="12GiB").memory_budget == 12 << 30
+    assert SwapConfig(memory_budget=1 << 30).memory_budget == 1 << 30
+    assert SwapConfig(memory_budget=0.5).memory_budget == 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"memory_budget": "12 gigs"}, ValueError, r"memory_budget='12 gigs' is not a size.*'8GiB'"),
+        ({"memory_budget": 1.5}, ValueError, r"memory_budget=1.5 .* \(0, 1\].*'auto'"),
+        ({"memory_budget": 0}, ValueError, "memory_budget=0 leaves no room"),
+        ({"memory_budget": "AUTO"}, ValueError, "is not a size"),
+        ({"policy": "fast"}, ValueError, r"policy='fast' is not one of 'auto', 'delta', 'swap'"),
+        ({"block_types": ("Block",)}, TypeError, "tuple of module classes"),
+        ({"bandwidth_gbps": 0.0}, ValueError, "positive rate"),
+        ({"prefetch_lookahead": 2.0}, ValueError, r"prefetch_lookahead=2.0"),
+        ({"min_bytes": "tiny"}, ValueError, "min_bytes='tiny'"),
+    ],
+)
+def test_swap_config_rejects_bad_input_saying_what_to_write(
+    kwargs: dict[str, object], error: type[Exception], pattern: str
+) -> None:
+    with pytest.raises(error, match=pattern):
+        SwapConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_swap_config_builds_the_engine_config() -> None:
+    cfg = SwapConfig(min_bytes="2MiB", prefetch_lookahead="1GiB", pinned_bytes="4GiB")
+    off = cfg.offload_config()
+    assert (off.min_bytes, off.prefetch_lookahead, off.pinned_bytes) == (2 << 20, 1 << 30, 4 << 30)
