@@ -1,0 +1,110 @@
+"""The planner on synthetic measured costs: fits the budget, spends PCIe where it hides, prefers
+recomputing cheap ops, predicts memory and time consistently."""
+
+from __future__ import annotations
+
+import pytest
+
+from deltaswap.swap.planner import (
+    BlockCost,
+    BlockMode,
+    Workload,
+    delta_block,
+    frontier,
+    keep_block,
+    make_plan,
+    simulate,
+    swap_block,
+)
+from deltaswap.swap.profile import Bandwidth, OpRecord
+from deltaswap.swap.recompute import OpDecision
+
+MB = 10**6
+
+
+def block() -> BlockCost:
+    ops = (
+        OpRecord(0, "aten.native_layer_norm.default", 50 * MB, 0.10, True),
+        OpRecord(1, "aten._to_copy.default", 25 * MB, 0.05, True),
+        OpRecord(2, "aten.mm.default", 100 * MB, 1.00, True),
+        OpRecord(3, "aten.view.default", 0, 0.0, False),
+        OpRecord(4, "aten.gelu.default", 100 * MB, 0.20, True),
+        OpRecord(5, "aten.mm.default", 25 * MB, 1.00, True),
+        OpRecord(6, "aten.add.Tensor", 50 * MB, 0.05, True),
+    )
+    return BlockCost(ops=ops, input_bytes=50 * MB, saved_bytes=300 * MB)
+
+
+def workload(gbps: float = 50.0, n: int = 16) -> Workload:
+    return Workload(blocks=(block(),) * n, other_bytes=100 * MB, other_ms=2.0,
+                    bandwidth=Bandwidth(gbps, gbps, 1.8 * gbps), min_bytes=MB, lookahead=1200 * MB)
+
+
+def test_keep_predicts_the_plain_peak_and_time() -> None:
+    work = workload()
+    plan = make_plan(work, "keep", budget=1)
+    assert plan.predicted_peak == 100 * MB + 16 * 300 * MB
+    assert plan.predicted_ms == pytest.approx(plan.plain_ms)
+    assert plan.predicted_ms == pytest.approx(2.0 * 3 + 16 * 2.4 * 3)  # forward + 2x backward
+
+
+def test_auto_keeps_everything_when_it_fits() -> None:
+    work = workload()
+    plan = make_plan(work, "auto", budget=10**12)
+    assert all(b.mode is BlockMode.KEEP for b in plan.blocks)
+
+
+@pytest.mark.parametrize("budget_mb", [4500, 3500, 2500, 1500, 1200])
+def test_auto_fits_the_budget_and_costs_more_as_it_shrinks(budget_mb: int) -> None:
+    work = workload()
+    plan = make_plan(work, "auto", budget=budget_mb * MB)
+    assert plan.predicted_peak <= budget_mb * MB
+    looser = make_plan(work, "auto", budget=(budget_mb + 500) * MB)
+    assert plan.predicted_ms >= looser.predicted_ms - 1e-9
+    assert plan.predicted_ms <= make_plan(work, "recompute", budget=0).predicted_ms + 1e-9
+
+
+def test_auto_swaps_early_blocks_when_pcie_hides_and_recomputes_when_it_is_slow() -> None:
+    fast = make_plan(workload(gbps=500.0), "auto", budget=4000 * MB)
+    assert fast.blocks[0].mode is BlockMode.SWAP
+    assert fast.predicted_ms <= fast.plain_ms * 1.01
+    slow = make_plan(workload(gbps=0.5), "auto", budget=4000 * MB)
+    assert all(b.mode is not BlockMode.SWAP for b in slow.blocks)
+    assert any(b.mode is BlockMode.CHECKPOINT for b in slow.blocks)
+
+
+def test_frontier_stores_compute_heavy_outputs_first() -> None:
+    plans = frontier(block(), min_bytes=MB)
+    assert plans[0].kept_bytes > plans[-1].kept_bytes
+    assert plans[-1].decisions == {} and plans[-1].recompute_ms == pytest.approx(2.4)
+    one = plans[-2]  # a single stored output: the one with the most compute per byte
+    assert one.decisions == {5: OpDecision.KEEP}
+    assert [p.recompute_ms for p in plans] == sorted(p.recompute_ms for p in plans)
+
+
+def test_swapped_bytes_still_being_copied_count_at_the_peak() -> None:
+    work = workload(gbps=1.0)  # 1 MB per ms: a block's 300 MB take 300 ms, far longer than the forward
+    plans = [swap_block(work.blocks[0])] + [keep_block(c) for c in work.blocks[1:]]
+    pred = simulate(work, plans)
+    kept_only = 100 * MB + 15 * 300 * MB
+    assert kept_only < pred.peak <= kept_only + 300 * MB
+    assert pred.stall_ms > 0
+
+
+def test_delta_rule_swaps_when_the_copy_is_cheap_and_recomputes_when_not() -> None:
+    fast = delta_block(block(), Bandwidth(1000.0, 1000.0, 1800.0), min_bytes=MB)
+    assert fast.decisions.get(2) is OpDecision.SWAP  # 100 MB at 1 TB/s: 0.1 ms x 2 <= 1 ms
+    slow = delta_block(block(), Bandwidth(10.0, 10.0, 18.0), min_bytes=MB)
+    assert slow.decisions == {}
+
+
+def test_the_plan_prints_a_table_with_totals() -> None:
+    text = str(make_plan(workload(), "auto", budget=2500 * MB))
+    assert "block" in text and "total" in text and "predicted peak" in text and "policy auto" in text
+
+
+def test_an_impossible_budget_returns_the_smallest_plan_it_found() -> None:
+    work = workload()
+    plan = make_plan(work, "auto", budget=100 * MB)
+    assert plan.predicted_peak > 100 * MB
+    assert plan.predicted_peak <= make_plan(work, "recompute", budget=0).predicted_peak
