@@ -14,13 +14,16 @@ Example::
 
 from .backend import Copy, CopyBackend, CudaCopyBackend, SyncCopyBackend
 from .config import OffloadConfig, SwapConfig, format_bytes, parse_bytes
+from .manager import ActivationManager, ManagerStats
 from .offloader import ActivationOffloader, offload_activations
+from .planner import Plan
 from .pool import HostMemoryError, PinnedPool
 from .profile import Bandwidth, OpProfiler, OpRecord, measure_bandwidth
 from .recompute import LocalStore, OpDecision, OpPolicy, checkpoint_with_policy
 from .stats import OffloadStats
 
 __all__ = [
+    "ActivationManager",
     "ActivationOffloader",
     "Bandwidth",
     "Copy",
@@ -28,6 +31,7 @@ __all__ = [
     "CudaCopyBackend",
     "HostMemoryError",
     "LocalStore",
+    "ManagerStats",
     "OffloadConfig",
     "OffloadStats",
     "OpDecision",
@@ -35,6 +39,7 @@ __all__ = [
     "OpProfiler",
     "OpRecord",
     "PinnedPool",
+    "Plan",
     "SwapConfig",
     "SyncCopyBackend",
     "checkpoint_with_policy",

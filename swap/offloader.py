@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
 import torch
@@ -77,6 +78,7 @@ class ActivationOffloader:
         self._hooks: saved_tensors_hooks | None = None
         self._module_hooks: list[RemovableHandle] = []
         self._depth = 0
+        self._swap_override: bool | None = None
         self._active = False
         self._warned_no_cuda = False
         self._warned_pool_full = False
@@ -140,6 +142,12 @@ class ActivationOffloader:
         return self._step.counters.summarize(self._backend, *self._pool.usage())
 
     @property
+    def saved_bytes(self) -> int:
+        """Activation bytes saved through the engine in the most recent step (kept or swapped; read
+        without waiting for the device)."""
+        return self._step.cursor if self._step is not None else 0
+
+    @property
     def store(self) -> OffloadStep | None:
         """While the context is active, the step that stores op outputs swapped or kept by
         :func:`~deltaswap.swap.recompute.checkpoint_with_policy`; ``None`` otherwise (and without CUDA)."""
@@ -174,7 +182,27 @@ class ActivationOffloader:
             )
         return self._backend
 
+    @contextlib.contextmanager
+    def swapping(self, enabled: bool) -> Iterator[None]:
+        """Switch swapping of saved tensors on or off for a region of the forward pass (overrides
+        ``modules``); tensors saved while it is off are kept.
+
+        Example::
+
+            >>> with off:                              # doctest: +SKIP
+            ...     with off.swapping(False):
+            ...         h = embed(x)                   # kept
+            ...     y = blocks(h)                      # swapped
+        """
+        previous, self._swap_override = self._swap_override, enabled
+        try:
+            yield
+        finally:
+            self._swap_override = previous
+
     def _swap_enabled(self) -> bool:
+        if self._swap_override is not None:
+            return self._swap_override
         return self._modules is None or self._depth > 0
 
     def _enter_module(self, *_: object) -> None:

@@ -63,7 +63,8 @@ class OffloadStep:
             if buffer is not None:
                 self._buffer_ptrs.add(buffer.data_ptr())
 
-    def pack(self, tensor: torch.Tensor) -> Saved:
+    def pack(self, tensor: torch.Tensor, *, force: bool = False) -> Saved:
+        """Keep or swap one saved tensor; ``force`` swaps it even where swapping is switched off."""
         position = self.cursor
         nbytes = tensor.numel() * tensor.element_size()
         base = tensor if tensor._base is None else tensor._base
@@ -74,7 +75,7 @@ class OffloadStep:
             or (base.is_leaf and base.requires_grad)
             or (base.is_leaf and base.data_ptr() in self._buffer_ptrs)
         )
-        if not (is_activation and self._swappable(tensor, nbytes)):
+        if not (is_activation and self._swappable(tensor, nbytes) and (force or self._swap_enabled())):
             return self._keep(tensor, position, nbytes if is_activation else 0)
         self._reap()
         storage = tensor.untyped_storage()
@@ -125,7 +126,6 @@ class OffloadStep:
             and nbytes > 0
             and nbytes >= self.config.min_bytes
             and self._backend.accepts(tensor)
-            and self._swap_enabled()
         )
 
     def _keep(self, tensor: torch.Tensor, position: int, activation_bytes: int) -> KeptTensor:
@@ -161,7 +161,7 @@ class OffloadStep:
 
     def swap(self, tensor: torch.Tensor) -> Saved:
         """Swap an op output like a saved tensor (kept if it cannot be swapped)."""
-        return self.pack(tensor)
+        return self.pack(tensor, force=True)
 
     # -- backward ---------------------------------------------------------------------------------
     def unpack(self, saved: Saved) -> torch.Tensor:

@@ -449,3 +449,14 @@ def test_garbage_collection_inside_the_pool_does_not_deadlock() -> None:
     worker.join(timeout=30)
     assert not worker.is_alive(), "deadlocked"
     assert done == [0]
+
+
+def test_swapping_can_be_switched_off_for_a_region() -> None:
+    a = torch.randn(64, 64, requires_grad=True)
+    off = ActivationOffloader(ALL, backend=SyncCopyBackend())
+    with off:
+        with off.swapping(False):
+            h = a.exp()  # kept
+        loss = h.sin().sum()  # sin saves h again: swapped now (a new decision per save)
+    loss.backward()
+    assert off.stats.tensors_kept == 1 and off.stats.tensors_offloaded == 1

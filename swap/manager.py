@@ -1,0 +1,353 @@
+"""The one object the integrations drive: wrap a model once, run each training forward under the plan.
+
+profile -> plan -> execute -> observe: the first step with a new input shape runs under the cheapest-
+memory plan (every block checkpointed, its ops timed); the planner then chooses keep / swap / recompute
+for each block and op under the memory budget; later steps with that shape run the plan; the stats report
+what it did against what was predicted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
+
+from .backend import CopyBackend, CudaCopyBackend
+from .config import SwapConfig, format_bytes
+from .offloader import ActivationOffloader
+from .planner import BlockCost, BlockMode, Plan, Workload, make_plan
+from .pool import available_host_bytes
+from .profile import Bandwidth, OpProfiler, measure_bandwidth
+from .recompute import LocalStore, OpDecision, _Frame, _RecordingMode, checkpoint_with_policy
+from .stats import OffloadStats
+
+PLAN_CACHE_SIZE = 8
+"""Plans kept for different input shapes; the least recently used is dropped beyond this."""
+
+_NO_PCIE = Bandwidth(1e-6, 1e-6, 2e-6)  # without a GPU there is nothing to swap to: never worth it
+
+
+def find_blocks(model: nn.Module, block_types: tuple[type, ...] | None) -> list[nn.Module]:
+    """The modules to plan per block: instances of ``block_types``, or else the largest run of sibling
+    modules of one class inside a ``ModuleList`` or ``Sequential`` (the repeated layers)."""
+    if block_types is not None:
+        return [m for m in model.modules() if isinstance(m, block_types)]
+    best: list[nn.Module] = []
+    for container in model.modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            continue
+        groups: dict[type, list[nn.Module]] = {}
+        for child in container.children():
+            groups.setdefault(type(child), []).append(child)
+        for members in groups.values():
+            if len(members) > len(best) and len(members) >= 2 and any(True for _ in members[0].parameters()):
+                best = members
+    return best
+
+
+@dataclass(frozen=True)
+class ManagerStats:
+    """What the last step did, and what the plan predicted for it."""
+
+    engine: OffloadStats
+    """The swap engine's measurements (bytes moved, GB/s, stall)."""
+    profiling: bool
+    """Whether the last step was a profiling step (cheapest-memory plan, ops timed)."""
+    forward_ms: float
+    """Measured forward time of the last step (CUDA events; wall clock on a CPU)."""
+    predicted_peak: int
+    """The plan's predicted activation peak (0 before a plan exists)."""
+    predicted_ms: float
+    """The plan's predicted forward+backward time (0 before a plan exists)."""
+
+    def __str__(self) -> str:
+        return (f"ManagerStats(profiling={self.profiling}, forward {self.forward_ms:.1f} ms, predicted "
+                f"step {self.predicted_ms:.1f} ms, predicted peak {format_bytes(self.predicted_peak)})\n"
+                f"{self.engine}")
+
+
+class _Profile:
+    """What the profiling step collects."""
+
+    def __init__(self, device: str) -> None:
+        self.ops = OpProfiler(device)
+        self.inputs: list[int] = []
+        self.saved: list[int] = []  # plain saved bytes, measured for the first block
+        self.engine_bytes_in_blocks = 0
+
+
+class ActivationManager:
+    """Chooses, for every tensor a model saves, whether to keep it, swap it to pinned host memory, or
+    recompute it, so that the step fits ``memory_budget`` at the least measured cost.
+
+    Use it when a model's activations do not fit: wrap the model once, run each training forward inside
+    :meth:`step`. The first step with a new input shape is a profiling step (every block checkpointed, its
+    ops timed); later steps run the plan. Evaluation and ``no_grad`` forwards are never affected.
+
+    Args:
+        config: budget and policy (:class:`~deltaswap.swap.config.SwapConfig`).
+        backend: the copy backend (default: CUDA when available; without CUDA nothing is swapped and
+            only recompute is planned).
+
+    Example::
+
+        >>> mgr = ActivationManager(SwapConfig(memory_budget="12GiB", policy="auto"))
+        >>> model = mgr.wrap(model)                      # doctest: +SKIP
+        >>> for x, y in loader:                          # doctest: +SKIP
+        ...     with mgr.step():
+        ...         loss = loss_fn(model(x), y)
+        ...     loss.backward()
+        >>> print(mgr.plan)                              # doctest: +SKIP
+        >>> print(mgr.stats)                             # doctest: +SKIP
+
+    .. warning::
+        The wrapped blocks are replaced by torch's ``CheckpointWrapper`` (state-dict keys unchanged).
+        Every call of a block must run the same ops for the same input shape.
+    """
+
+    def __init__(
+        self,
+        config: SwapConfig | None = None,
+        *,
+        backend: CopyBackend | None = None,
+        host_memory_available: Callable[[], int] = available_host_bytes,
+    ) -> None:
+        self.config = config if config is not None else SwapConfig()
+        self._offloader = ActivationOffloader(
+            self.config.offload_config(), backend=backend, host_memory_available=host_memory_available
+        )
+        self._blocks: list[nn.Module] = []
+        self._model: nn.Module | None = None
+        self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
+        self._plan: Plan | None = None
+        self._profile: _Profile | None = None
+        self._pending: tuple[tuple[Any, ...], _Profile, Any, Any, int] | None = None
+        self._call = 0
+        self._key: tuple[Any, ...] = ()
+        self._in_step = False
+        self._step_plan: Plan | None = None
+        self._step_marks: tuple[Any, Any] | None = None
+        self._bandwidth: Bandwidth | None = None
+
+    # -- setup --------------------------------------------------------------------------------------
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Find the model's repeated blocks (or ``block_types``) and route their calls through the
+        manager. Returns the same model object, modified in place.
+
+        Raises:
+            ValueError: if no blocks are found; the message says how to name them.
+        """
+        blocks = find_blocks(model, self.config.block_types)
+        if not blocks:
+            raise ValueError(
+                f"deltaswap found no repeated blocks in {type(model).__name__}: no ModuleList or Sequential "
+                f"holds two or more modules of one class with parameters. Name the block class with "
+                f"SwapConfig(block_types=(YourLayer,))."
+            )
+        ids = {id(b) for b in blocks}
+        apply_activation_checkpointing(
+            model,
+            checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_fn=self._run_block),
+            check_fn=lambda m: id(m) in ids,
+        )
+        self._blocks, self._model = blocks, model
+        return model
+
+    # -- per step -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step(self) -> Iterator[ActivationManager]:
+        """Run one training forward pass under the current plan (or profile it). Call ``backward``
+        after the block, outside it."""
+        if self._model is None:
+            raise RuntimeError("call ActivationManager.wrap(model) before step()")
+        self._finish_profiling()
+        self._call, self._step_plan, self._profile = 0, None, None
+        with self._offloader, self._offloader.swapping(False):
+            start = self._mark()
+            self._in_step = True
+            try:
+                yield self
+            finally:
+                self._in_step = False
+                self._step_marks = (start, self._mark())
+        if self._profile is not None:
+            key = self._key
+            self._pending = (key, self._profile, *self._step_marks, self._offloader.saved_bytes)
+
+    # -- results ------------------------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan | None:
+        """The plan of the last input shape (``None`` until a profiling step has finished)."""
+        self._finish_profiling()
+        return self._plan
+
+    @property
+    def stats(self) -> ManagerStats:
+        """Measured behaviour of the last step and the plan's prediction for it."""
+        marks = self._step_marks
+        forward_ms = self._elapsed(*marks) if marks is not None else 0.0
+        plan = self._step_plan
+        return ManagerStats(
+            engine=self._offloader.stats,
+            profiling=plan is None,
+            forward_ms=forward_ms,
+            predicted_peak=plan.predicted_peak if plan else 0,
+            predicted_ms=plan.predicted_ms if plan else 0.0,
+        )
+
+    # -- the block runner ---------------------------------------------------------------------------
+    def _run_block(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self._in_step or not torch.is_grad_enabled():
+            return block(*args, **kwargs)  # evaluation, no_grad, or outside a step: untouched
+        call = self._call
+        self._call += 1
+        if call == 0:
+            self._key = _shape_key(args, kwargs)
+            self._step_plan = self._plans.get(self._key)
+            if self._step_plan is not None:
+                self._plans.move_to_end(self._key)
+                self._plan = self._step_plan
+            else:
+                self._profile = _Profile("cuda" if self._on_cuda() else "cpu")
+        plan = self._step_plan
+        if plan is None or call >= len(plan.blocks):
+            return self._profile_block(call, block, *args, **kwargs)
+        bp = plan.blocks[call]
+        store = self._offloader.store
+        if bp.mode is BlockMode.CHECKPOINT:
+            with self._offloader.swapping(bp.swap_input):
+                return checkpoint_with_policy(block, *args, policy=bp.policy(), store=store, **kwargs)
+        with self._offloader.swapping(bp.mode is BlockMode.SWAP):
+            return block(*args, **kwargs)
+
+    def _profile_block(self, call: int, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        profile = self._profile
+        assert profile is not None
+        profile.inputs.append(sum(_nbytes(a) for a in args))
+        if call == 0:  # the first block runs plainly once, to measure what it saves
+            saved: dict[int, int] = {}
+
+            def spy(t: torch.Tensor) -> torch.Tensor:
+                if not isinstance(t, nn.Parameter) and not (t.is_leaf and t.requires_grad):
+                    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            frame = _Frame(lambda i, op: OpDecision.RECOMPUTE, LocalStore(), profile.ops)
+            with saved_tensors_hooks(spy, lambda t: t), _RecordingMode(frame):
+                out = block(*args, **kwargs)
+            profile.saved.append(sum(saved.values()))
+            return out
+        with self._offloader.swapping(False):
+            return checkpoint_with_policy(
+                block, *args, policy=lambda i, op: OpDecision.RECOMPUTE, store=self._offloader.store,
+                profiler=profile.ops, **kwargs,
+            )
+
+    # -- planning -----------------------------------------------------------------------------------
+    def _finish_profiling(self) -> None:
+        if self._pending is None:
+            return
+        key, profile, start, end, saved_total = self._pending
+        self._pending = None
+        calls = profile.ops.blocks()
+        op_bytes = [sum(op.out_bytes for op in ops) for ops in calls]
+        plain_first = profile.saved[0]
+        blocks = tuple(
+            BlockCost(tuple(ops), profile.inputs[k],
+                      int(plain_first * op_bytes[k] / op_bytes[0]) if op_bytes[0] else plain_first)
+            for k, ops in enumerate(calls)
+        )
+        block_ms = sum(b.forward_ms for b in blocks)
+        other_ms = max(0.0, self._elapsed(start, end) - block_ms)
+        other_bytes = max(0, saved_total - sum(profile.inputs[1:]))
+        work = Workload(
+            blocks=blocks,
+            other_bytes=other_bytes,
+            other_ms=other_ms,
+            bandwidth=self._measured_bandwidth(),
+            min_bytes=int(self.config.min_bytes),
+            lookahead=self.config.offload_config().lookahead_bytes(
+                other_bytes + sum(b.saved_bytes for b in blocks)
+            ),
+        )
+        plan = make_plan(work, self.config.policy, self._budget())
+        if plan.predicted_peak > plan.budget:
+            warnings.warn(
+                f"deltaswap: the smallest plan found needs {format_bytes(plan.predicted_peak)} of "
+                f"activations, over the budget of {format_bytes(plan.budget)}; training goes on with it. "
+                f"Lower the batch size or raise memory_budget.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._plans[key] = plan
+        self._plans.move_to_end(key)
+        while len(self._plans) > PLAN_CACHE_SIZE:
+            self._plans.popitem(last=False)
+        self._plan = plan
+
+    def _budget(self) -> int:
+        budget = self.config.memory_budget
+        if isinstance(budget, int):
+            return budget
+        if not self._on_cuda():
+            return 1 << 62  # no device memory to fit: keep everything unless a size was given
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        if isinstance(budget, float):
+            return int(budget * total)
+        assert self._model is not None
+        params = sum(p.numel() * p.element_size() for p in self._model.parameters())
+        static = max(torch.cuda.memory_allocated(), 4 * params)  # weights, grads, two Adam moments
+        return max(0, int(0.9 * total) - static)
+
+    def _measured_bandwidth(self) -> Bandwidth:
+        if self._bandwidth is None:
+            if self.config.bandwidth_gbps is not None:
+                rate = self.config.bandwidth_gbps
+                self._bandwidth = Bandwidth(rate, rate, 2 * rate)
+            elif not self._on_cuda():
+                self._bandwidth = _NO_PCIE
+            else:
+                self._bandwidth = measure_bandwidth()
+        return self._bandwidth
+
+    # -- clocks -------------------------------------------------------------------------------------
+    def _on_cuda(self) -> bool:
+        return isinstance(self._offloader.backend, CudaCopyBackend)
+
+    def _mark(self) -> Any:
+        if self._on_cuda():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    @staticmethod
+    def _elapsed(start: Any, end: Any) -> float:
+        if isinstance(start, torch.cuda.Event):
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        return (end - start) * 1e3
+
+
+def _nbytes(value: Any) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+def _shape_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(
+        (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else type(v)
+        for v in (*args, *kwargs.values())
+    )

@@ -1,0 +1,160 @@
+"""ActivationManager on CPU: wraps the repeated blocks without changing the model's state dict, profiles
+the first step of a shape, plans, and every policy trains with gradients bitwise equal to the plain run."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from deltaswap.swap import ActivationManager, SwapConfig, SyncCopyBackend
+from deltaswap.swap.manager import PLAN_CACHE_SIZE, find_blocks
+from deltaswap.swap.planner import BlockMode
+
+from gpt import GPT, GPTConfig, random_batch
+from helpers import assert_bitwise_equal
+
+CFG = GPTConfig(vocab_size=97, seq_len=32, n_layer=4, n_head=4, d_model=64, dropout=0.1)
+
+
+def model_and_batches(n: int = 4) -> tuple[GPT, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    return GPT(CFG), [random_batch(CFG, 4, "cpu", gen) for _ in range(n)]
+
+
+def train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+          ctx: object = None) -> list[list[torch.Tensor]]:
+    """Gradients of each step (no optimizer: every step sees the same weights)."""
+    out = []
+    for i, (x, y) in enumerate(batches):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(100 + i)
+        with ctx.step() if ctx is not None else contextlib.nullcontext():  # type: ignore[attr-defined]
+            loss = model(x, y)
+        loss.backward()
+        out.append([p.grad.clone() for p in model.parameters()])
+    return out
+
+
+def manager(**kwargs: object) -> ActivationManager:
+    kwargs.setdefault("bandwidth_gbps", 50.0)
+    return ActivationManager(SwapConfig(min_bytes=0, **kwargs), backend=SyncCopyBackend())  # type: ignore[arg-type]
+
+
+def test_wrap_finds_the_repeated_blocks_and_keeps_the_state_dict() -> None:
+    model, _ = model_and_batches()
+    keys = list(model.state_dict())
+    assert find_blocks(model, None) == list(model.blocks)
+    manager().wrap(model)
+    assert list(model.state_dict()) == keys
+    assert len(find_blocks(model, None)) == CFG.n_layer
+
+
+def test_wrap_refuses_a_model_without_blocks_and_says_what_to_do() -> None:
+    with pytest.raises(ValueError, match=r"block_types=\(YourLayer,\)"):
+        manager().wrap(nn.Linear(4, 4))
+
+
+def test_block_types_names_the_blocks() -> None:
+    model, _ = model_and_batches()
+    from gpt import MLP
+
+    assert len(find_blocks(model, (MLP,))) == CFG.n_layer
+
+
+@pytest.mark.parametrize(
+    ("policy", "modes"),
+    [("keep", {BlockMode.KEEP}), ("recompute", {BlockMode.CHECKPOINT}), ("swap", {BlockMode.SWAP}),
+     ("delta", {BlockMode.CHECKPOINT})],
+)
+def test_every_policy_trains_with_bitwise_equal_gradients(policy: str, modes: set[BlockMode]) -> None:
+    model, batches = model_and_batches()
+    plain = train(model, batches)
+    mgr = manager(policy=policy)
+    mgr.wrap(model)
+    ours = train(model, batches, mgr)
+    for expected, actual in zip(plain, ours, strict=True):
+        assert_bitwise_equal(expected, actual)
+    plan = mgr.plan
+    assert plan is not None and plan.policy == policy and len(plan.blocks) == CFG.n_layer
+    assert {b.mode for b in plan.blocks} == modes
+    assert mgr.stats.profiling is False
+
+
+def test_auto_fits_a_budget_with_bitwise_equal_gradients() -> None:
+    model, batches = model_and_batches()
+    plain = train(model, batches)
+    probe = manager(policy="keep")
+    probe.wrap(model)
+    train(model, batches[:2], probe)
+    assert probe.plan is not None
+    budget = probe.plan.predicted_peak * 6 // 10
+    model, batches = model_and_batches()  # the same weights, unwrapped
+    mgr = manager(policy="auto", memory_budget=budget, bandwidth_gbps=1e-3)  # PCIe too slow to swap
+    mgr.wrap(model)
+    ours = train(model, batches, mgr)
+    for expected, actual in zip(plain, ours, strict=True):
+        assert_bitwise_equal(expected, actual)
+    plan = mgr.plan
+    assert plan is not None and plan.predicted_peak <= budget
+    assert BlockMode.CHECKPOINT in {b.mode for b in plan.blocks}
+    assert BlockMode.SWAP not in {b.mode for b in plan.blocks}
+
+
+def test_first_step_of_a_shape_profiles_and_later_steps_reuse_the_plan() -> None:
+    model, batches = model_and_batches(2)
+    mgr = manager(policy="recompute")
+    mgr.wrap(model)
+    train(model, batches[:1], mgr)
+    assert mgr.stats.profiling
+    train(model, batches[1:], mgr)
+    assert not mgr.stats.profiling
+    first = mgr.plan
+    shorter = [(x[:, :16], y[:, :16]) for x, y in batches]
+    train(model, shorter[:1], mgr)
+    assert mgr.stats.profiling, "a new sequence length is profiled again"
+    train(model, batches[:1], mgr)
+    assert not mgr.stats.profiling and mgr.plan is first, "the first shape's plan is still cached"
+
+
+def test_plan_cache_is_bounded() -> None:
+    model, batches = model_and_batches(1)
+    mgr = manager(policy="keep")
+    mgr.wrap(model)
+    x, y = batches[0]
+    for t in range(4, 4 + PLAN_CACHE_SIZE + 3):
+        train(model, [(x[:, :t], y[:, :t])], mgr)
+        train(model, [(x[:, :t], y[:, :t])], mgr)
+    assert len(mgr._plans) == PLAN_CACHE_SIZE
+
+
+def test_evaluation_and_no_grad_forwards_are_untouched() -> None:
+    model, batches = model_and_batches(1)
+    x, y = batches[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model(x, y)
+    mgr = manager(policy="recompute")
+    mgr.wrap(model)
+    with torch.no_grad(), mgr.step():
+        assert torch.equal(model(x, y), expected)
+    assert torch.equal(model(x, y).detach(), expected)  # outside a step
+    assert mgr.plan is None, "nothing was profiled"
+
+
+def test_plan_and_stats_are_printable() -> None:
+    model, batches = model_and_batches(2)
+    mgr = manager(policy="auto", memory_budget="1GiB")
+    mgr.wrap(model)
+    train(model, batches, mgr)
+    assert "predicted peak" in str(mgr.plan)
+    text = str(mgr.stats)
+    assert "predicted step" in text and "bytes_offloaded" in text
+
+
+def test_step_before_wrap_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="wrap"), manager().step():
+        pass
