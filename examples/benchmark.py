@@ -8,7 +8,12 @@ GPT-style decoder (bf16 autocast, SDPA attention, fused AdamW) under:
 - ``save_on_cpu``: torch's ``save_on_cpu(pin_memory=True)``;
 - ``swap_all``: deltaswap swapping every saved activation of at least ``--min-bytes``;
 - ``swap_first2``: deltaswap swapping only the first two blocks' activations;
-- ``engine_only``: deltaswap's hooks active but nothing swapped (its host-side overhead alone).
+- ``engine_only``: deltaswap's hooks active but nothing swapped (its host-side overhead alone);
+- ``sac_matmul``: torch selective checkpointing that saves matmul and attention outputs;
+- ``ds_swap``, ``ds_recompute``, ``ds_delta``: deltaswap's ActivationManager with that policy;
+- ``auto_mid``, ``auto_sac``, ``auto_ckpt``, ``auto_min``: the ``auto`` policy with the budget midway
+  between plain's and sac_matmul's measured peaks, at sac_matmul's, at checkpoint's, and as small as it
+  goes (those modes must run first, in the same process).
 
 For ``swap_all`` it prints the transfer-bound time ``max(T_fwd, B/BW_d2h) + max(T_bwd, B/BW_h2d) + T_opt``
 (bandwidths measured here, times from the plain run) and the GPU memory still held at the end of the
@@ -29,18 +34,31 @@ import json
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from deltaswap.swap import ActivationOffloader, OffloadConfig
+from deltaswap.swap import ActivationManager, ActivationOffloader, OffloadConfig, SwapConfig
 
 from gpt import GPT, PRESETS, random_batch
 
 GiB = 1 << 30
-MODES = ("plain", "checkpoint", "swap_first2", "swap_all", "save_on_cpu", "engine_only")
+MODES = (
+    "plain", "checkpoint", "sac_matmul", "swap_first2", "swap_all", "save_on_cpu", "engine_only",
+    "ds_swap", "ds_recompute", "ds_delta", "auto_mid", "auto_sac", "auto_ckpt", "auto_min",
+)
+DEFAULT_MODES = ("plain", "checkpoint", "sac_matmul", "swap_first2", "swap_all", "save_on_cpu",
+                 "ds_recompute", "ds_delta", "ds_swap", "auto_mid", "auto_sac", "auto_ckpt", "auto_min")
+aten = torch.ops.aten
+SAC_SAVED = {
+    aten.mm.default, aten.addmm.default, aten.bmm.default,
+    aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_cudnn_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+}
 
 
 # -- PCIe ------------------------------------------------------------------------------------------
@@ -122,6 +140,26 @@ def measure_bandwidth() -> dict[str, float]:
 # -- training modes --------------------------------------------------------------------------------
 def _checkpoint_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return checkpoint(block, x, use_reentrant=False)
+
+
+def _sac_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAC_SAVED else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _sac_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    contexts = partial(create_selective_checkpoint_contexts, _sac_policy)
+    return checkpoint(block, x, use_reentrant=False, context_fn=contexts)
+
+
+def _auto_budget(mode: str, results: dict[str, Any]) -> int | None:
+    """The budget of an ``auto_*`` mode from peaks measured earlier in this run (None if missing)."""
+    measured = ("plain", "sac_matmul", "checkpoint")
+    peak = {k: results[k]["act_peak_gib"] * GiB for k in measured if k in results}
+    wanted = {"auto_mid": ("plain", "sac_matmul"), "auto_sac": ("sac_matmul",),
+              "auto_ckpt": ("checkpoint",), "auto_min": ()}[mode]
+    if not all(k in peak for k in wanted):
+        return None
+    return 1 if not wanted else int(sum(peak[k] for k in wanted) / len(wanted))
 
 
 def _median(xs: list[float]) -> float:
@@ -210,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--min-bytes", default="1MiB")
     parser.add_argument("--lookahead", default="0.25", help="prefetch_lookahead: a fraction or a size")
-    parser.add_argument("--modes", nargs="+", default=list(MODES[:5]), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES)
+    parser.add_argument("--plot", default=None, help="write a Pareto plot (step time vs peak) to this PNG")
     parser.add_argument("--profile", default=None, help="write a torch.profiler summary of one step per mode")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
@@ -234,10 +273,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {args.preset} {n_params / 1e6:.0f}M params, batch {args.batch_size}, seq {cfg.seq_len}")
 
     config = OffloadConfig(min_bytes=args.min_bytes, prefetch_lookahead=lookahead)
+    manager: ActivationManager | None = None
+    if any(m.startswith(("ds_", "auto_")) for m in args.modes):
+        manager = ActivationManager(SwapConfig(min_bytes=args.min_bytes, prefetch_lookahead=lookahead))
+        manager.wrap(model)  # outside manager.step() the wrapped blocks run plainly
     results: dict[str, Any] = {}
     for mode in args.modes:
         offloader: ActivationOffloader | None = None
-        model.block_runner = _checkpoint_block if mode == "checkpoint" else None
+        model.block_runner = {"checkpoint": _checkpoint_block, "sac_matmul": _sac_block}.get(mode)
+        if mode.startswith(("ds_", "auto_")):
+            assert manager is not None
+            budget = _auto_budget(mode, results) if mode.startswith("auto_") else "auto"
+            if budget is None:
+                print(f"  {mode:<12} skipped: needs the peaks of plain, sac_matmul and checkpoint first")
+                continue
+            policy = mode[3:] if mode.startswith("ds_") else "auto"
+            manager.replan(SwapConfig(min_bytes=args.min_bytes, prefetch_lookahead=lookahead, policy=policy,
+                                      memory_budget=budget))
+            results[mode] = run_mode(mode, model, optimizer, batch, manager.step, warmup=max(args.warmup, 2),
+                                     steps=args.steps, profile=args.profile)
+            results[mode]["plan"] = _plan_summary(manager, budget)
+            results[mode]["engine"] = asdict(manager.stats.engine)
+            continue
         if mode == "swap_all":
             offloader = ActivationOffloader(config)
         elif mode == "swap_first2":
@@ -260,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     model.block_runner = None
 
     summary = summarize(results, bandwidth)
+    if args.plot:
+        pareto_plot(results, args.plot)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset,
@@ -269,12 +328,55 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _plan_summary(manager: ActivationManager, budget: int | str) -> dict[str, Any]:
+    plan = manager.plan
+    assert plan is not None
+    print(plan)
+    return {
+        "budget_gib": plan.budget / GiB,
+        "predicted_peak_gib": plan.predicted_peak / GiB,
+        "predicted_ms": plan.predicted_ms,
+        "kept_gib": sum(b.kept_bytes for b in plan.blocks) / GiB,
+        "swapped_gib": sum(b.swapped_bytes for b in plan.blocks) / GiB,
+        "recompute_ms": sum(b.recompute_ms for b in plan.blocks),
+        "modes": [b.mode.value + ("+in" if b.swap_input else "") for b in plan.blocks],
+    }
+
+
+def pareto_plot(results: dict[str, Any], path: str) -> None:
+    """Step time (x plain) against activation peak, one point per mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'deltaswap[plot]'", file=sys.stderr)
+        return
+    plain = results["plain"]["step_ms"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for mode, r in results.items():
+        ours = mode.startswith(("ds_", "auto_", "swap_"))
+        ax.scatter(r["act_peak_gib"], r["step_ms"] / plain, color="tab:red" if ours else "tab:blue")
+        ax.annotate(mode, (r["act_peak_gib"], r["step_ms"] / plain), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("activation peak (GiB)")
+    ax.set_ylabel("step time (x plain)")
+    ax.set_title("deltaswap (red) and torch (blue): step time vs activation memory")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def summarize(results: dict[str, Any], bandwidth: dict[str, float]) -> dict[str, Any]:
     """Print the table (ratios against plain from this process) and the swap-all transfer bound."""
     summary: dict[str, Any] = {}
     plain = results.get("plain")
     print(f"\n{'mode':<12}{'step ms':>9}{'x plain':>9}{'fwd ms':>8}{'bwd ms':>8}{'act peak GiB':>14}"
-          f"{'fwd-end GiB':>13}{'swapped GiB':>13}{'D2H GB/s':>10}{'H2D GB/s':>10}{'stall ms':>10}")
+          f"{'fwd-end GiB':>13}{'swapped GiB':>13}{'D2H GB/s':>10}{'H2D GB/s':>10}{'stall ms':>10}"
+          f"{'budget GiB':>12}{'pred peak':>11}{'f+b ms':>8}{'pred ms':>9}")
     for mode, r in results.items():
         ratio = r["step_ms"] / plain["step_ms"] if plain else float("nan")
         eng = r.get("engine", {})
@@ -282,7 +384,12 @@ def summarize(results: dict[str, Any], bandwidth: dict[str, float]) -> dict[str,
         print(f"{mode:<12}{r['step_ms']:9.1f}{ratio:9.3f}{r['fwd_ms']:8.1f}{r['bwd_ms']:8.1f}"
               f"{r['act_peak_gib']:14.2f}{r['fwd_end_gib']:13.2f}{swapped:13.2f}"
               f"{eng.get('d2h_gbps', 0):10.1f}{eng.get('h2d_gbps', 0):10.1f}"
-              f"{eng.get('backward_stall_ms', 0):10.1f}")
+              f"{eng.get('backward_stall_ms', 0):10.1f}", end="")
+        plan = r.get("plan")
+        if plan:
+            print(f"{plan['budget_gib']:12.2f}{plan['predicted_peak_gib']:11.2f}"
+                  f"{r['fwd_ms'] + r['bwd_ms']:8.1f}{plan['predicted_ms']:9.1f}", end="")
+        print()
         summary[f"{mode}_x_plain"] = ratio
     if plain and "swap_all" in results:
         eng = results["swap_all"]["engine"]

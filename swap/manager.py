@@ -13,7 +13,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from .backend import CopyBackend, CudaCopyBackend
 from .config import SwapConfig, format_bytes
 from .offloader import ActivationOffloader
-from .planner import BlockCost, BlockMode, Plan, Workload, make_plan
+from .planner import BlockCost, BlockMode, Plan, Workload, make_plan, profiling_plans, simulate
 from .pool import available_host_bytes
 from .profile import Bandwidth, OpProfiler, measure_bandwidth
 from .recompute import LocalStore, OpDecision, _Frame, _RecordingMode, checkpoint_with_policy
@@ -86,7 +86,10 @@ class _Profile:
         self.ops = OpProfiler(device)
         self.inputs: list[int] = []
         self.saved: list[int] = []  # plain saved bytes, measured for the first block
-        self.engine_bytes_in_blocks = 0
+        self.baseline = 0  # GPU bytes allocated when the step began
+        self.forward_end = 0  # activation bytes held when the forward pass ended
+        self.peak: int | None = None  # activation peak, read when the first block's input gets its grad
+        self.backward_mark: Any = None
 
 
 class ActivationManager:
@@ -141,6 +144,7 @@ class ActivationManager:
         self._step_plan: Plan | None = None
         self._step_marks: tuple[Any, Any] | None = None
         self._bandwidth: Bandwidth | None = None
+        self._baseline = 0
 
     # -- setup --------------------------------------------------------------------------------------
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -166,6 +170,17 @@ class ActivationManager:
         self._blocks, self._model = blocks, model
         return model
 
+    def replan(self, config: SwapConfig | None = None) -> None:
+        """Forget every plan (optionally switching to a new budget or policy); the next step profiles
+        again. The engine and its pinned pool are kept."""
+        if config is not None:
+            if config.offload_config() != self.config.offload_config():
+                raise ValueError("replan can change the budget, policy, block types and bandwidth; the "
+                                 "engine settings (min_bytes, look-ahead, pool) need a new manager")
+            self.config = config
+        self._plans.clear()
+        self._plan, self._pending, self._bandwidth = None, None, None
+
     # -- per step -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def step(self) -> Iterator[ActivationManager]:
@@ -177,6 +192,7 @@ class ActivationManager:
         self._call, self._step_plan, self._profile = 0, None, None
         with self._offloader, self._offloader.swapping(False):
             start = self._mark()
+            self._baseline = torch.cuda.memory_allocated() if self._on_cuda() else 0
             self._in_step = True
             try:
                 yield self
@@ -184,8 +200,9 @@ class ActivationManager:
                 self._in_step = False
                 self._step_marks = (start, self._mark())
         if self._profile is not None:
-            key = self._key
-            self._pending = (key, self._profile, *self._step_marks, self._offloader.saved_bytes)
+            if self._on_cuda():
+                self._profile.forward_end = torch.cuda.memory_allocated() - self._profile.baseline
+            self._pending = (self._key, self._profile, *self._step_marks, self._offloader.saved_bytes)
 
     # -- results ------------------------------------------------------------------------------------
     @property
@@ -237,6 +254,12 @@ class ActivationManager:
         profile = self._profile
         assert profile is not None
         profile.inputs.append(sum(_nbytes(a) for a in args))
+        if call == 0 and self._on_cuda():
+            profile.baseline = self._baseline
+            torch.cuda.reset_peak_memory_stats()
+            first = next((a for a in args if isinstance(a, torch.Tensor) and a.requires_grad), None)
+            if first is not None:  # its gradient arrives at the end of the blocks' backward
+                first.register_hook(partial(self._read_backward_peak, profile))
         if call == 0:  # the first block runs plainly once, to measure what it saves
             saved: dict[int, int] = {}
 
@@ -255,6 +278,10 @@ class ActivationManager:
                 block, *args, policy=lambda i, op: OpDecision.RECOMPUTE, store=self._offloader.store,
                 profiler=profile.ops, **kwargs,
             )
+
+    def _read_backward_peak(self, profile: _Profile, grad: torch.Tensor) -> None:
+        profile.peak = torch.cuda.max_memory_allocated() - profile.baseline
+        profile.backward_mark = self._mark()
 
     # -- planning -----------------------------------------------------------------------------------
     def _finish_profiling(self) -> None:
@@ -283,6 +310,7 @@ class ActivationManager:
                 other_bytes + sum(b.saved_bytes for b in blocks)
             ),
         )
+        work = self._calibrate(work, profile, end)
         plan = make_plan(work, self.config.policy, self._budget())
         if plan.predicted_peak > plan.budget:
             warnings.warn(
@@ -297,6 +325,22 @@ class ActivationManager:
         while len(self._plans) > PLAN_CACHE_SIZE:
             self._plans.popitem(last=False)
         self._plan = plan
+
+    def _calibrate(self, work: Workload, profile: _Profile, forward_end_mark: Any) -> Workload:
+        """Fit the model to what the profiling step measured: its peak (the offset covers gradients and
+        temporaries) and its backward time (the backward-to-forward ratio)."""
+        if profile.peak is None:
+            return work
+        modelled = simulate(work, profiling_plans(work))
+        offset = profile.peak - (modelled.peak - work.peak_offset)
+        ratio = work.backward_ratio
+        if profile.backward_mark is not None:
+            backward_ms = self._elapsed(forward_end_mark, profile.backward_mark)
+            recompute_ms = sum(b.forward_ms for b in work.blocks[1:])
+            block_ms = sum(b.forward_ms for b in work.blocks)
+            if block_ms > 0 and backward_ms > recompute_ms:
+                ratio = (backward_ms - recompute_ms) / block_ms
+        return replace(work, peak_offset=offset, backward_ratio=ratio)
 
     def _budget(self) -> int:
         budget = self.config.memory_budget

@@ -126,6 +126,9 @@ class Workload:
     lookahead: int = 0
     """Prefetch look-ahead in bytes of backward progress."""
     backward_ratio: float = BACKWARD_RATIO
+    peak_offset: int = 0
+    """Added to every predicted peak: measured peak minus the model's peak for the profiling step's plan
+    (gradient buffers, temporaries and whatever else the model does not see)."""
 
 
 # -- the options of one block -----------------------------------------------------------------------
@@ -195,7 +198,7 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     kept = sum(plan.kept_bytes for plan in plans)
     checkpointed = [(cost, plan) for cost, plan in blocks if plan.mode is BlockMode.CHECKPOINT]
     transient = max((max(0, cost.saved_bytes - plan.kept_bytes) for cost, plan in checkpointed), default=0)
-    peak = int(work.other_bytes + kept + in_flight + transient)
+    peak = int(work.other_bytes + kept + in_flight + transient + work.peak_offset)
     # backward: blocks in reverse; a swapped block's bytes are issued when the backward's progress (bytes
     # of saved tensors consumed) is within `lookahead` of them, and must land before the block starts
     sizes = [plan.kept_bytes + plan.swapped_bytes for plan in plans]
@@ -217,6 +220,12 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         consumed += sizes[k]
     t += work.other_ms * work.backward_ratio / 2
     return Prediction(peak=peak, ms=t, stall_ms=stall)
+
+
+def profiling_plans(work: Workload) -> list[BlockPlan]:
+    """The plan the profiling step runs: the first block plainly, every other block checkpointed with
+    everything recomputed and its input kept."""
+    return [keep_block(work.blocks[0])] + [checkpoint_block(c, {}) for c in work.blocks[1:]]
 
 
 # -- policies -----------------------------------------------------------------------------------------
@@ -320,5 +329,6 @@ __all__ = [
     "delta_block",
     "frontier",
     "make_plan",
+    "profiling_plans",
     "simulate",
 ]

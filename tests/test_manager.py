@@ -158,3 +158,16 @@ def test_plan_and_stats_are_printable() -> None:
 def test_step_before_wrap_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="wrap"), manager().step():
         pass
+
+
+def test_replan_switches_policy_and_profiles_again() -> None:
+    model, batches = model_and_batches(2)
+    mgr = manager(policy="keep")
+    mgr.wrap(model)
+    train(model, batches, mgr)
+    mgr.replan(SwapConfig(min_bytes=0, bandwidth_gbps=50.0, policy="recompute"))
+    assert mgr.plan is None
+    train(model, batches, mgr)
+    assert mgr.plan is not None and mgr.plan.policy == "recompute"
+    with pytest.raises(ValueError, match="need a new manager"):
+        mgr.replan(SwapConfig(min_bytes="1MiB"))
