@@ -135,6 +135,8 @@ class ActivationManager:
         self._blocks: list[nn.Module] = []
         self._model: nn.Module | None = None
         self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
+        self._works: dict[tuple[Any, ...], tuple[Workload, _Profile, float]] = {}
+        self._observed: set[tuple[Any, ...]] = set()
         self._plan: Plan | None = None
         self._profile: _Profile | None = None
         self._pending: tuple[tuple[Any, ...], _Profile, Any, Any, int] | None = None
@@ -179,6 +181,8 @@ class ActivationManager:
                                  "engine settings (min_bytes, look-ahead, pool) need a new manager")
             self.config = config
         self._plans.clear()
+        self._works.clear()
+        self._observed.clear()
         self._plan, self._pending, self._bandwidth = None, None, None
 
     # -- per step -----------------------------------------------------------------------------------
@@ -189,6 +193,7 @@ class ActivationManager:
         if self._model is None:
             raise RuntimeError("call ActivationManager.wrap(model) before step()")
         self._finish_profiling()
+        self._observe()
         self._call, self._step_plan, self._profile = 0, None, None
         with self._offloader, self._offloader.swapping(False):
             start = self._mark()
@@ -292,9 +297,11 @@ class ActivationManager:
         calls = profile.ops.blocks()
         op_bytes = [sum(op.out_bytes for op in ops) for ops in calls]
         plain_first = profile.saved[0]
+        grads = [_grad_bytes(b) for b in self._blocks]
         blocks = tuple(
             BlockCost(tuple(ops), profile.inputs[k],
-                      int(plain_first * op_bytes[k] / op_bytes[0]) if op_bytes[0] else plain_first)
+                      int(plain_first * op_bytes[k] / op_bytes[0]) if op_bytes[0] else plain_first,
+                      grads[k] if k < len(grads) else 0)
             for k, ops in enumerate(calls)
         )
         block_ms = sum(b.forward_ms for b in blocks)
@@ -309,10 +316,16 @@ class ActivationManager:
             lookahead=self.config.offload_config().lookahead_bytes(
                 other_bytes + sum(b.saved_bytes for b in blocks)
             ),
+            other_grad_bytes=max(0, _grad_bytes(self._model) - sum(grads)) if self._model else 0,
         )
-        work = self._calibrate(work, profile, end)
+        backward_ms = self._elapsed(end, profile.backward_mark) if profile.backward_mark is not None else 0.0
+        self._works[key] = (work, profile, backward_ms)
+        self._observed.discard(key)
+        self._store_plan(key, self._calibrate(work, profile, backward_ms, 1.0))
+
+    def _store_plan(self, key: tuple[Any, ...], work: Workload, *, warn: bool = True) -> None:
         plan = make_plan(work, self.config.policy, self._budget())
-        if plan.predicted_peak > plan.budget:
+        if warn and plan.predicted_peak > plan.budget:
             warnings.warn(
                 f"deltaswap: the smallest plan found needs {format_bytes(plan.predicted_peak)} of "
                 f"activations, over the budget of {format_bytes(plan.budget)}; training goes on with it. "
@@ -323,24 +336,44 @@ class ActivationManager:
         self._plans[key] = plan
         self._plans.move_to_end(key)
         while len(self._plans) > PLAN_CACHE_SIZE:
-            self._plans.popitem(last=False)
+            dropped, _ = self._plans.popitem(last=False)
+            self._works.pop(dropped, None)
+            self._observed.discard(dropped)
         self._plan = plan
 
-    def _calibrate(self, work: Workload, profile: _Profile, forward_end_mark: Any) -> Workload:
-        """Fit the model to what the profiling step measured: its peak (the offset covers gradients and
-        temporaries) and its backward time (the backward-to-forward ratio)."""
-        if profile.peak is None:
-            return work
-        modelled = simulate(work, profiling_plans(work))
-        offset = profile.peak - (modelled.peak - work.peak_offset)
-        ratio = work.backward_ratio
-        if profile.backward_mark is not None:
-            backward_ms = self._elapsed(forward_end_mark, profile.backward_mark)
+    @staticmethod
+    def _calibrate(work: Workload, profile: _Profile, backward_ms: float, scale: float) -> Workload:
+        """Fit the model to what was measured: op times scaled by ``scale`` (timing every op in the
+        profiling step slows it; the first planned step says by how much), the backward-to-forward ratio
+        from the profiling step's backward time, and a peak offset so that the profiling step's plan is
+        predicted at the peak it reached (temporaries the model does not see)."""
+        work = work.scaled(scale) if scale != 1.0 else work
+        if backward_ms > 0:
             recompute_ms = sum(b.forward_ms for b in work.blocks[1:])
             block_ms = sum(b.forward_ms for b in work.blocks)
             if block_ms > 0 and backward_ms > recompute_ms:
-                ratio = (backward_ms - recompute_ms) / block_ms
-        return replace(work, peak_offset=offset, backward_ratio=ratio)
+                work = replace(work, backward_ratio=(backward_ms - recompute_ms) / block_ms)
+        if profile.peak is not None:
+            modelled = simulate(replace(work, peak_offset=0), profiling_plans(work))
+            work = replace(work, peak_offset=profile.peak - modelled.peak)
+        return work
+
+    def _observe(self) -> None:
+        """After the first step that ran a plan, compare its forward time with the prediction and, if
+        they differ by more than 5%, rescale the measured op times and plan once more."""
+        plan, marks, key = self._step_plan, self._step_marks, self._key
+        if plan is None or marks is None or key in self._observed or key not in self._works:
+            return
+        self._observed.add(key)
+        work, profile, backward_ms = self._works[key]
+        current = self._calibrate(work, profile, backward_ms, 1.0)
+        predicted = simulate(current, plan.blocks).forward_ms
+        measured = self._elapsed(*marks)
+        if predicted > 0 and abs(measured / predicted - 1) > 0.05:
+            block_ms = sum(b.forward_ms for b in work.blocks)
+            # scale the blocks' ops so the whole forward matches (the time outside blocks scales too)
+            scale = measured / predicted if block_ms > 0 else 1.0
+            self._store_plan(key, self._calibrate(work, profile, backward_ms, scale), warn=False)
 
     def _budget(self) -> int:
         budget = self.config.memory_budget
@@ -384,6 +417,10 @@ class ActivationManager:
             end.synchronize()
             return float(start.elapsed_time(end))
         return (end - start) * 1e3
+
+
+def _grad_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
 
 
 def _nbytes(value: Any) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .config import format_bytes
 from .profile import Bandwidth, OpRecord
@@ -52,10 +52,17 @@ class BlockCost:
     """Bytes of its input: what a checkpointed block keeps (or swaps) at the least."""
     saved_bytes: int
     """Bytes autograd saves when the block runs plainly."""
+    grad_bytes: int = 0
+    """Bytes of the gradients of its parameters, allocated during its backward."""
 
     @property
     def forward_ms(self) -> float:
         return sum(op.ms for op in self.ops)
+
+    def scaled(self, factor: float) -> BlockCost:
+        """The same block with every op time multiplied by ``factor``."""
+        ops = tuple(OpRecord(o.index, o.op, o.out_bytes, o.ms * factor, o.storable) for o in self.ops)
+        return BlockCost(ops, self.input_bytes, self.saved_bytes, self.grad_bytes)
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,14 @@ class Workload:
     backward_ratio: float = BACKWARD_RATIO
     peak_offset: int = 0
     """Added to every predicted peak: measured peak minus the model's peak for the profiling step's plan
-    (gradient buffers, temporaries and whatever else the model does not see)."""
+    (temporaries and whatever else the model does not see)."""
+    other_grad_bytes: int = 0
+    """Gradients of the parameters outside the blocks (embeddings, head), allocated first in backward."""
+
+    def scaled(self, factor: float) -> Workload:
+        """The same step with every measured op time (and the time outside blocks) times ``factor``."""
+        blocks = tuple(b.scaled(factor) for b in self.blocks)
+        return replace(self, blocks=blocks, other_ms=self.other_ms * factor)
 
 
 # -- the options of one block -----------------------------------------------------------------------
@@ -171,8 +185,12 @@ def frontier(cost: BlockCost, min_bytes: int) -> list[BlockPlan]:
 @dataclass(frozen=True)
 class Prediction:
     peak: int
+    """Activation bytes at the peak (forward end, or later in the backward)."""
     ms: float
+    """Forward plus backward time."""
     stall_ms: float
+    """Of ``ms``: time the backward waits for host-to-device copies."""
+    forward_ms: float
 
 
 def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
@@ -190,36 +208,49 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         copy_start.append(begin)
         copy_end.append(queue_free)
     forward_end = t + work.other_ms / 2
-    in_flight = sum(
-        min(plan.swapped_bytes, (end - max(begin, forward_end)) * d2h_rate)
+    in_flight = [
+        min(plan.swapped_bytes, max(0.0, (end - max(begin, forward_end)) * d2h_rate))
         for (_, plan), begin, end in zip(blocks, copy_start, copy_end, strict=True)
-        if end > forward_end
-    )
-    kept = sum(plan.kept_bytes for plan in plans)
-    checkpointed = [(cost, plan) for cost, plan in blocks if plan.mode is BlockMode.CHECKPOINT]
-    transient = max((max(0, cost.saved_bytes - plan.kept_bytes) for cost, plan in checkpointed), default=0)
-    peak = int(work.other_bytes + kept + in_flight + transient + work.peak_offset)
-    # backward: blocks in reverse; a swapped block's bytes are issued when the backward's progress (bytes
-    # of saved tensors consumed) is within `lookahead` of them, and must land before the block starts
+    ]
+    peak = work.other_bytes + sum(plan.kept_bytes for plan in plans) + sum(in_flight)
+    # backward, timing: blocks in reverse. A swapped block's bytes are issued when the backward's progress
+    # (bytes of saved tensors consumed, the head's first) is within `lookahead` of them, and must land
+    # about when the block needs them (halfway through its backward, on average).
     sizes = [plan.kept_bytes + plan.swapped_bytes for plan in plans]
     t = forward_end + work.other_ms * work.backward_ratio / 2
-    h2d_free, stall, consumed = 0.0, 0.0, 0
+    h2d_free, stall = 0.0, 0.0
+    consumed = work.other_bytes // 2
+    issued: dict[int, float] = {}
+    started: dict[int, float] = {}
     reached: list[tuple[int, float]] = []  # (bytes consumed when a block started, its start time)
     for k in range(len(plans) - 1, -1, -1):
         cost, plan = blocks[k]
         if plan.swapped_bytes:
             due = consumed - work.lookahead
-            issue = next((when for at, when in reached if at >= due), t)
-            begin = max(issue, copy_end[k], h2d_free)
-            h2d_free = begin + plan.swapped_bytes / h2d_rate
-            if h2d_free > t:
-                stall += h2d_free - t
-                t = h2d_free
+            issued[k] = next((when for at, when in reached if at >= due), t)
+            h2d_free = max(issued[k], copy_end[k], h2d_free) + plan.swapped_bytes / h2d_rate
+            # tensors come back in the order the block uses them: on average each is needed halfway in
+            deadline = t + cost.forward_ms * work.backward_ratio / 2
+            if h2d_free > deadline:
+                stall += h2d_free - deadline
+                t += h2d_free - deadline
         reached.append((consumed, t))
+        started[k] = t
         t += cost.forward_ms * work.backward_ratio + plan.recompute_ms
         consumed += sizes[k]
     t += work.other_ms * work.backward_ratio / 2
-    return Prediction(peak=peak, ms=t, stall_ms=stall)
+    # backward, memory, at each block's start: the blocks not yet done, swapped bytes already back,
+    # the block's own recompute, and the gradients allocated so far
+    kept_below = 0
+    grads_above = work.other_grad_bytes + sum(c.grad_bytes for c in work.blocks)
+    for k in range(len(plans)):
+        cost, plan = blocks[k]
+        kept_below += plan.kept_bytes
+        back = sum(plans[j].swapped_bytes for j, when in issued.items() if j <= k and when <= started[k])
+        transient = max(0, cost.saved_bytes - plan.kept_bytes) if plan.mode is BlockMode.CHECKPOINT else 0
+        peak = max(peak, work.other_bytes + kept_below + back + transient + grads_above)
+        grads_above -= cost.grad_bytes
+    return Prediction(peak=int(peak + work.peak_offset), ms=t, stall_ms=stall, forward_ms=forward_end)
 
 
 def profiling_plans(work: Workload) -> list[BlockPlan]:
@@ -267,21 +298,40 @@ SWAP_TOLERANCE = 0.005
 
 
 def plan_auto(work: Workload, budget: int) -> Plan:
-    """The cheapest mix found for ``budget`` (see the module docstring)."""
-    plans = [keep_block(c) for c in work.blocks]
-    pred = simulate(work, plans)
+    """The cheapest mix found for ``budget`` (see the module docstring): for each number of leading
+    blocks to swap (as many as hide their copies, down to none), checkpoint the rest greedily until the
+    peak fits; the fastest plan that fits wins, or else the one with the smallest peak."""
+    keep = [keep_block(c) for c in work.blocks]
+    pred = simulate(work, keep)
+    if pred.peak <= budget:
+        return _finish(work, keep, budget, "auto")
     plain_ms = pred.ms
-    # 1. swap the first blocks while their copies hide in the forward and backward passes
-    for k in range(len(plans)):
-        if pred.peak <= budget:
-            return _finish(work, plans, budget, "auto")
-        trial = [*plans[:k], swap_block(work.blocks[k]), *plans[k + 1 :]]
-        trial_pred = simulate(work, trial)
-        if trial_pred.peak >= pred.peak or trial_pred.ms > plain_ms * (1 + SWAP_TOLERANCE):
+    hidden = 0  # how many leading blocks can be swapped while their copies hide
+    for k in range(len(keep)):
+        trial = [swap_block(c) for c in work.blocks[: k + 1]] + keep[k + 1 :]
+        if simulate(work, trial).ms > plain_ms * (1 + SWAP_TOLERANCE):
             break
-        plans, pred = trial, trial_pred
-    # 2. checkpoint the kept blocks: repeatedly take the frontier move that frees memory for the least
-    #    recompute time per byte (judged locally, then the whole plan is simulated again)
+        hidden = k + 1
+    best: tuple[bool, float, list[BlockPlan]] | None = None
+    for n_swap in range(hidden, -1, -1):
+        plans = [swap_block(c) for c in work.blocks[:n_swap]] + keep[n_swap:]
+        plans, pred = _checkpoint_until_fits(work, plans, budget)
+        fits = pred.peak <= budget
+        candidate = (not fits, pred.ms if fits else float(pred.peak), plans)
+        if best is None or candidate[:2] < best[:2]:
+            best = candidate
+    assert best is not None
+    return _finish(work, best[2], budget, "auto")
+
+
+def _checkpoint_until_fits(
+    work: Workload, plans: list[BlockPlan], budget: int
+) -> tuple[list[BlockPlan], Prediction]:
+    """Checkpoint the kept blocks along their frontiers, always taking the move that frees memory for
+    the least recompute time per byte (judged locally, then the plan is simulated again); if that is not
+    enough, swap the checkpointed blocks' inputs, earliest first."""
+    plans = list(plans)
+    pred = simulate(work, plans)
     fronts = {k: frontier(work.blocks[k], work.min_bytes) for k in range(len(plans))
               if plans[k].mode is BlockMode.KEEP}
     position = dict.fromkeys(fronts, -1)  # -1: still KEEP
@@ -300,7 +350,6 @@ def plan_auto(work: Workload, budget: int) -> Plan:
         _, k, j = best
         plans[k], position[k] = fronts[k][j], j
         pred = simulate(work, plans)
-    # 3. still over: swap the inputs of checkpointed blocks, earliest first
     for k in range(len(plans)):
         if pred.peak <= budget:
             break
@@ -309,7 +358,7 @@ def plan_auto(work: Workload, budget: int) -> Plan:
             trial_pred = simulate(work, trial)
             if trial_pred.peak < pred.peak:
                 plans, pred = trial, trial_pred
-    return _finish(work, plans, budget, "auto")
+    return plans, pred
 
 
 def make_plan(work: Workload, policy: str, budget: int) -> Plan:

@@ -117,7 +117,9 @@ def test_first_step_of_a_shape_profiles_and_later_steps_reuse_the_plan() -> None
     train(model, shorter[:1], mgr)
     assert mgr.stats.profiling, "a new sequence length is profiled again"
     train(model, batches[:1], mgr)
-    assert not mgr.stats.profiling and mgr.plan is first, "the first shape's plan is still cached"
+    assert not mgr.stats.profiling, "the first shape's plan is still cached"
+    assert mgr.plan is not None and first is not None
+    assert [b.mode for b in mgr.plan.blocks] == [b.mode for b in first.blocks]
 
 
 def test_plan_cache_is_bounded() -> None:
@@ -171,3 +173,18 @@ def test_replan_switches_policy_and_profiles_again() -> None:
     assert mgr.plan is not None and mgr.plan.policy == "recompute"
     with pytest.raises(ValueError, match="need a new manager"):
         mgr.replan(SwapConfig(min_bytes="1MiB"))
+
+
+def test_the_first_planned_step_calibrates_op_times_and_replans_once() -> None:
+    model, batches = model_and_batches(4)
+    mgr = manager(policy="recompute")
+    mgr.wrap(model)
+    train(model, batches[:2], mgr)  # profiling step, then the first planned step
+    first = mgr.plan
+    train(model, batches[2:3], mgr)  # its forward time is compared with the prediction
+    assert mgr._key in mgr._observed
+    second = mgr.plan
+    train(model, batches[3:], mgr)
+    assert mgr.plan is second, "calibrated once, not on every step"
+    assert first is not None and second is not None
+    assert len(mgr._works) == 1
