@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             policy = mode[3:] if mode.startswith("ds_") else "auto"
             manager.replan(SwapConfig(min_bytes=args.min_bytes, prefetch_lookahead=lookahead, policy=policy,
                                       memory_budget=budget))
-            results[mode] = run_mode(mode, model, optimizer, batch, manager.step, warmup=max(args.warmup, 2),
+            results[mode] = run_mode(mode, model, optimizer, batch, manager.step, warmup=max(args.warmup, 3),
                                      steps=args.steps, profile=args.profile)
             results[mode]["plan"] = _plan_summary(manager, budget)
             results[mode]["engine"] = asdict(manager.stats.engine)
