@@ -340,6 +340,7 @@ def _plan_summary(manager: ActivationManager, budget: int | str) -> dict[str, An
         "swapped_gib": sum(b.swapped_bytes for b in plan.blocks) / GiB,
         "recompute_ms": sum(b.recompute_ms for b in plan.blocks),
         "modes": [b.mode.value + ("+in" if b.swap_input else "") for b in plan.blocks],
+        "calibration": plan.calibration,
     }
 
 

@@ -88,8 +88,12 @@ class _Profile:
         self.saved: list[int] = []  # plain saved bytes, measured for the first block
         self.baseline = 0  # GPU bytes allocated when the step began
         self.forward_end = 0  # activation bytes held when the forward pass ended
-        self.peak: int | None = None  # activation peak, read when the first block's input gets its grad
-        self.backward_mark: Any = None
+        # read in the backward: when the last block's output gets its gradient (the head's backward is
+        # done) and when the first block's input gets its gradient (the blocks' backward is done)
+        self.head_peak: int | None = None
+        self.head_mark: Any = None
+        self.blocks_peak: int | None = None
+        self.blocks_mark: Any = None
 
 
 class ActivationManager:
@@ -135,7 +139,7 @@ class ActivationManager:
         self._blocks: list[nn.Module] = []
         self._model: nn.Module | None = None
         self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
-        self._works: dict[tuple[Any, ...], tuple[Workload, _Profile, float]] = {}
+        self._works: dict[tuple[Any, ...], tuple[Workload, _Profile, tuple[float, float]]] = {}
         self._observed: set[tuple[Any, ...]] = set()
         self._plan: Plan | None = None
         self._profile: _Profile | None = None
@@ -264,7 +268,13 @@ class ActivationManager:
             torch.cuda.reset_peak_memory_stats()
             first = next((a for a in args if isinstance(a, torch.Tensor) and a.requires_grad), None)
             if first is not None:  # its gradient arrives at the end of the blocks' backward
-                first.register_hook(partial(self._read_backward_peak, profile))
+                first.register_hook(partial(self._blocks_done, profile))
+        out = self._run_profiled(call, profile, block, *args, **kwargs)
+        if self._on_cuda() and isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(partial(self._head_done, profile))  # the last block's fires first
+        return out
+
+    def _run_profiled(self, call: int, profile: _Profile, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if call == 0:  # the first block runs plainly once, to measure what it saves
             saved: dict[int, int] = {}
 
@@ -284,9 +294,15 @@ class ActivationManager:
                 profiler=profile.ops, **kwargs,
             )
 
-    def _read_backward_peak(self, profile: _Profile, grad: torch.Tensor) -> None:
-        profile.peak = torch.cuda.max_memory_allocated() - profile.baseline
-        profile.backward_mark = self._mark()
+    def _head_done(self, profile: _Profile, grad: torch.Tensor) -> None:
+        if profile.head_mark is None:
+            profile.head_peak = torch.cuda.max_memory_allocated() - profile.baseline
+            profile.head_mark = self._mark()
+            torch.cuda.reset_peak_memory_stats()
+
+    def _blocks_done(self, profile: _Profile, grad: torch.Tensor) -> None:
+        profile.blocks_peak = torch.cuda.max_memory_allocated() - profile.baseline
+        profile.blocks_mark = self._mark()
 
     # -- planning -----------------------------------------------------------------------------------
     def _finish_profiling(self) -> None:
@@ -318,10 +334,13 @@ class ActivationManager:
             ),
             other_grad_bytes=max(0, _grad_bytes(self._model) - sum(grads)) if self._model else 0,
         )
-        backward_ms = self._elapsed(end, profile.backward_mark) if profile.backward_mark is not None else 0.0
-        self._works[key] = (work, profile, backward_ms)
+        times = (0.0, 0.0)
+        if profile.head_mark is not None and profile.blocks_mark is not None:
+            head_ms = self._elapsed(end, profile.head_mark)
+            times = (head_ms, self._elapsed(profile.head_mark, profile.blocks_mark))
+        self._works[key] = (work, profile, times)
         self._observed.discard(key)
-        self._store_plan(key, self._calibrate(work, profile, backward_ms, 1.0))
+        self._store_plan(key, self._calibrate(work, profile, times, 1.0))
 
     def _store_plan(self, key: tuple[Any, ...], work: Workload, *, warn: bool = True) -> None:
         plan = make_plan(work, self.config.policy, self._budget())
@@ -342,20 +361,29 @@ class ActivationManager:
         self._plan = plan
 
     @staticmethod
-    def _calibrate(work: Workload, profile: _Profile, backward_ms: float, scale: float) -> Workload:
-        """Fit the model to what was measured: op times scaled by ``scale`` (timing every op in the
-        profiling step slows it; the first planned step says by how much), the backward-to-forward ratio
-        from the profiling step's backward time, and a peak offset so that the profiling step's plan is
-        predicted at the peak it reached (temporaries the model does not see)."""
+    def _calibrate(work: Workload, profile: _Profile, times: tuple[float, float], scale: float) -> Workload:
+        """Fit the model to what was measured.
+
+        Op times are scaled by ``scale`` (timing every op slows the profiling step; the first planned
+        step says by how much, clamped to [0.2, 5]). From the profiling step: the head's backward time and
+        the blocks' backward-to-forward ratio (``times``); the activation bytes outside the blocks (so its
+        forward-end memory is predicted exactly), the head backward's transient memory, and an offset for
+        the blocks' backward peak.
+        """
+        scale = min(5.0, max(0.2, scale))
         work = work.scaled(scale) if scale != 1.0 else work
-        if backward_ms > 0:
-            recompute_ms = sum(b.forward_ms for b in work.blocks[1:])
-            block_ms = sum(b.forward_ms for b in work.blocks)
-            if block_ms > 0 and backward_ms > recompute_ms:
-                work = replace(work, backward_ratio=(backward_ms - recompute_ms) / block_ms)
-        if profile.peak is not None:
-            modelled = simulate(replace(work, peak_offset=0), profiling_plans(work))
-            work = replace(work, peak_offset=profile.peak - modelled.peak)
+        head_ms, blocks_ms = times
+        block_forward = sum(b.forward_ms for b in work.blocks)
+        recompute = sum(b.forward_ms for b in work.blocks[1:])
+        if blocks_ms > recompute and block_forward > 0:
+            ratio = min(6.0, max(0.5, (blocks_ms - recompute) / block_forward))
+            work = replace(work, backward_ratio=ratio, other_backward_ms=head_ms)
+        if profile.head_peak is not None and profile.blocks_peak is not None:
+            plans = profiling_plans(work)
+            kept = sum(p.kept_bytes for p in plans)
+            work = replace(work, other_bytes=max(0, profile.forward_end - kept),
+                           head_transient=max(0, profile.head_peak - profile.forward_end), peak_offset=0)
+            work = replace(work, peak_offset=profile.blocks_peak - simulate(work, plans).blocks_peak)
         return work
 
     def _observe(self) -> None:
@@ -365,15 +393,15 @@ class ActivationManager:
         if plan is None or marks is None or key in self._observed or key not in self._works:
             return
         self._observed.add(key)
-        work, profile, backward_ms = self._works[key]
-        current = self._calibrate(work, profile, backward_ms, 1.0)
+        work, profile, times = self._works[key]
+        current = self._calibrate(work, profile, times, 1.0)
         predicted = simulate(current, plan.blocks).forward_ms
         measured = self._elapsed(*marks)
         if predicted > 0 and abs(measured / predicted - 1) > 0.05:
             block_ms = sum(b.forward_ms for b in work.blocks)
             # scale the blocks' ops so the whole forward matches (the time outside blocks scales too)
             scale = measured / predicted if block_ms > 0 else 1.0
-            self._store_plan(key, self._calibrate(work, profile, backward_ms, scale), warn=False)
+            self._store_plan(key, self._calibrate(work, profile, times, scale), warn=False)
 
     def _budget(self) -> int:
         budget = self.config.memory_budget

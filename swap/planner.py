@@ -100,6 +100,8 @@ class Plan:
     plain_ms: float
     """Forward plus backward time with everything kept (the reference)."""
     policy: str
+    calibration: dict[str, float] = field(default_factory=dict)
+    """The measured quantities the model was fitted with (bandwidth, backward ratio, offsets)."""
 
     def __str__(self) -> str:
         head = f"{'block':>5}  {'mode':<10}{'kept':>12}{'swapped':>12}{'recompute ms':>14}"
@@ -134,10 +136,15 @@ class Workload:
     """Prefetch look-ahead in bytes of backward progress."""
     backward_ratio: float = BACKWARD_RATIO
     peak_offset: int = 0
-    """Added to every predicted peak: measured peak minus the model's peak for the profiling step's plan
-    (temporaries and whatever else the model does not see)."""
+    """Added to the peak of the blocks' backward: what the profiling step measured there minus what the
+    model predicts for its plan (temporaries the model does not see)."""
     other_grad_bytes: int = 0
     """Gradients of the parameters outside the blocks (embeddings, head), allocated first in backward."""
+    head_transient: int = 0
+    """Bytes the backward of what follows the blocks (the head and loss: logits' gradient) holds on top
+    of the forward's activations; measured in the profiling step."""
+    other_backward_ms: float | None = None
+    """Backward time outside the blocks, measured; ``None``: ``backward_ratio`` x ``other_ms``."""
 
     def scaled(self, factor: float) -> Workload:
         """The same step with every measured op time (and the time outside blocks) times ``factor``."""
@@ -191,6 +198,10 @@ class Prediction:
     stall_ms: float
     """Of ``ms``: time the backward waits for host-to-device copies."""
     forward_ms: float
+    forward_end_bytes: int = 0
+    """Activation bytes held when the forward pass ends."""
+    blocks_peak: int = 0
+    """Peak during the blocks' backward, before ``peak_offset``."""
 
 
 def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
@@ -212,12 +223,14 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         min(plan.swapped_bytes, max(0.0, (end - max(begin, forward_end)) * d2h_rate))
         for (_, plan), begin, end in zip(blocks, copy_start, copy_end, strict=True)
     ]
-    peak = work.other_bytes + sum(plan.kept_bytes for plan in plans) + sum(in_flight)
+    forward_end_bytes = int(work.other_bytes + sum(plan.kept_bytes for plan in plans) + sum(in_flight))
     # backward, timing: blocks in reverse. A swapped block's bytes are issued when the backward's progress
     # (bytes of saved tensors consumed, the head's first) is within `lookahead` of them, and must land
     # about when the block needs them (halfway through its backward, on average).
     sizes = [plan.kept_bytes + plan.swapped_bytes for plan in plans]
-    t = forward_end + work.other_ms * work.backward_ratio / 2
+    other_backward = (work.other_ms * work.backward_ratio if work.other_backward_ms is None
+                      else work.other_backward_ms)
+    t = forward_end + other_backward
     h2d_free, stall = 0.0, 0.0
     consumed = work.other_bytes // 2
     issued: dict[int, float] = {}
@@ -238,19 +251,20 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         started[k] = t
         t += cost.forward_ms * work.backward_ratio + plan.recompute_ms
         consumed += sizes[k]
-    t += work.other_ms * work.backward_ratio / 2
     # backward, memory, at each block's start: the blocks not yet done, swapped bytes already back,
     # the block's own recompute, and the gradients allocated so far
-    kept_below = 0
+    kept_below, blocks_peak = 0, 0
     grads_above = work.other_grad_bytes + sum(c.grad_bytes for c in work.blocks)
     for k in range(len(plans)):
         cost, plan = blocks[k]
         kept_below += plan.kept_bytes
         back = sum(plans[j].swapped_bytes for j, when in issued.items() if j <= k and when <= started[k])
         transient = max(0, cost.saved_bytes - plan.kept_bytes) if plan.mode is BlockMode.CHECKPOINT else 0
-        peak = max(peak, work.other_bytes + kept_below + back + transient + grads_above)
+        blocks_peak = max(blocks_peak, work.other_bytes + kept_below + back + transient + grads_above)
         grads_above -= cost.grad_bytes
-    return Prediction(peak=int(peak + work.peak_offset), ms=t, stall_ms=stall, forward_ms=forward_end)
+    peak = max(forward_end_bytes + work.head_transient, blocks_peak + work.peak_offset)
+    return Prediction(peak=int(peak), ms=t, stall_ms=stall, forward_ms=forward_end,
+                      forward_end_bytes=forward_end_bytes, blocks_peak=int(blocks_peak))
 
 
 def profiling_plans(work: Workload) -> list[BlockPlan]:
@@ -263,7 +277,14 @@ def profiling_plans(work: Workload) -> list[BlockPlan]:
 def _finish(work: Workload, plans: list[BlockPlan], budget: int, policy: str) -> Plan:
     pred = simulate(work, plans)
     plain = simulate(work, [keep_block(c) for c in work.blocks])
-    return Plan(tuple(plans), budget, pred.peak, pred.ms, plain.ms, policy)
+    calibration = {
+        "d2h_gbps": work.bandwidth.d2h_gbps, "h2d_gbps": work.bandwidth.h2d_gbps,
+        "backward_ratio": work.backward_ratio, "other_ms": work.other_ms,
+        "other_backward_ms": -1.0 if work.other_backward_ms is None else work.other_backward_ms,
+        "other_bytes": float(work.other_bytes), "head_transient": float(work.head_transient),
+        "peak_offset": float(work.peak_offset), "block_forward_ms": sum(b.forward_ms for b in work.blocks),
+    }
+    return Plan(tuple(plans), budget, pred.peak, pred.ms, plain.ms, policy, calibration)
 
 
 def plan_fixed(work: Workload, policy: str, budget: int) -> Plan:
