@@ -43,6 +43,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from deltaswap.swap import ActivationManager, ActivationOffloader, OffloadConfig, SwapConfig
+from deltaswap.swap.profile import copy_rate, duplex_rate
 
 from gpt import GPT, PRESETS, random_batch
 
@@ -62,42 +63,6 @@ SAC_SAVED = {
 
 
 # -- PCIe ------------------------------------------------------------------------------------------
-def _copy_rate(dst: torch.Tensor, src: torch.Tensor, reps: int) -> float:
-    """GB/s of ``dst.copy_(src)`` on a side stream, timed with CUDA events."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        dst.copy_(src, non_blocking=True)  # warm-up
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            dst.copy_(src, non_blocking=True)
-        end.record()
-    end.synchronize()
-    return src.numel() * reps / start.elapsed_time(end) / 1e6
-
-
-def _duplex_rate(nbytes: int, reps: int) -> float:
-    """Total GB/s with one device->host and one host->device copy stream running at once."""
-    h_out, h_in = (torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2))
-    d_out, d_in = (torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(2))
-    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    s1.wait_event(start)
-    s2.wait_event(start)
-    for _ in range(reps):
-        with torch.cuda.stream(s1):
-            h_out.copy_(d_out, non_blocking=True)
-        with torch.cuda.stream(s2):
-            d_in.copy_(h_in, non_blocking=True)
-    torch.cuda.current_stream().wait_stream(s1)
-    torch.cuda.current_stream().wait_stream(s2)
-    end.record()
-    end.synchronize()
-    return 2 * nbytes * reps / start.elapsed_time(end) / 1e6
-
-
 def _footprint_rates(total: int, piece: int) -> tuple[float, float]:
     """D2H and H2D GB/s of ``piece``-byte copies walking once over ``total`` bytes of pinned memory (1 GiB
     chunks, as the engine's pool holds them), rather than reusing one buffer: the regime the engine copies
@@ -121,7 +86,7 @@ def _footprint_rates(total: int, piece: int) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def measure_bandwidth() -> dict[str, float]:
+def benchmark_bandwidth() -> dict[str, float]:
     """Pinned and pageable copy rates in GB/s (1e9 bytes/s)."""
     out: dict[str, float] = {}
     out["pinned_d2h_8GiB_walk"], out["pinned_h2d_8GiB_walk"] = _footprint_rates(8 << 30, 64 << 20)
@@ -131,9 +96,11 @@ def measure_bandwidth() -> dict[str, float]:
             if kind == "pageable" and label == "1MB":
                 continue
             host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-            out[f"{kind}_d2h_{label}"] = _copy_rate(host, dev, reps if pinned else 3)
-            out[f"{kind}_h2d_{label}"] = _copy_rate(dev, host, reps if pinned else 3)
-    out["pinned_duplex_256MB"] = _duplex_rate(256 << 20, 8)
+            out[f"{kind}_d2h_{label}"] = copy_rate(host, dev, repeats=reps if pinned else 3)
+            out[f"{kind}_h2d_{label}"] = copy_rate(dev, host, repeats=reps if pinned else 3)
+    h_out, h_in = (torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True) for _ in range(2))
+    d_out, d_in = (torch.empty(256 << 20, dtype=torch.uint8, device="cuda") for _ in range(2))
+    out["pinned_duplex_256MB"] = duplex_rate((h_out, d_out), (d_in, h_in), repeats=8)
     return out
 
 
@@ -260,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = PRESETS[args.preset]
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    bandwidth = measure_bandwidth()
+    bandwidth = benchmark_bandwidth()
     for key, value in bandwidth.items():
         print(f"  {key:<24}{value:7.1f} GB/s")
 

@@ -33,6 +33,42 @@ def _rate(nbytes: int, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
     return nbytes / start.elapsed_time(end) / 1e6
 
 
+def copy_rate(dst: torch.Tensor, src: torch.Tensor, *, repeats: int = 4,
+              stream: torch.cuda.Stream | None = None) -> float:
+    """GB/s of ``repeats`` x ``dst.copy_(src, non_blocking=True)`` on ``stream`` (a new side stream by
+    default), after one warm-up copy, timed with CUDA events. Waits for the copies."""
+    device = src.device if src.is_cuda else dst.device
+    stream = stream if stream is not None else torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            dst.copy_(src, non_blocking=True)
+        end.record()
+    return _rate(src.numel() * src.element_size() * repeats, start, end)
+
+
+def duplex_rate(to_host: tuple[torch.Tensor, torch.Tensor], to_device: tuple[torch.Tensor, torch.Tensor],
+                *, repeats: int = 4) -> float:
+    """Total GB/s of ``(dst, src)`` device->host and host->device copies running at once on two
+    streams, ``repeats`` times each. Waits for the copies."""
+    device = to_host[1].device
+    streams = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+    compute = torch.cuda.current_stream(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(compute)
+    for stream, (dst, src) in zip(streams, (to_host, to_device), strict=True):
+        stream.wait_event(start)
+        with torch.cuda.stream(stream):
+            for _ in range(repeats):
+                dst.copy_(src, non_blocking=True)
+        compute.wait_stream(stream)
+    end.record(compute)
+    nbytes = sum(src.numel() * src.element_size() for _, src in (to_host, to_device))
+    return _rate(nbytes * repeats, start, end)
+
+
 def measure_bandwidth(
     device: torch.device | int | str | None = None, *, nbytes: int = 64 << 20, repeats: int = 4
 ) -> Bandwidth:
@@ -54,29 +90,11 @@ def measure_bandwidth(
     dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
     host = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
     gpu = [torch.empty(nbytes, dtype=torch.uint8, device=dev) for _ in range(2)]
-    out_stream, in_stream = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
-    rates = []
-    for stream, dst, src in ((out_stream, host[0], gpu[0]), (in_stream, gpu[1], host[1])):
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)  # warm-up
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(repeats):
-                dst.copy_(src, non_blocking=True)
-            end.record()
-        rates.append(_rate(nbytes * repeats, start, end))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    compute = torch.cuda.current_stream(dev)
-    start.record(compute)
-    for stream, dst, src in ((out_stream, host[0], gpu[0]), (in_stream, gpu[1], host[1])):
-        stream.wait_event(start)
-        with torch.cuda.stream(stream):
-            for _ in range(repeats):
-                dst.copy_(src, non_blocking=True)
-        compute.wait_stream(stream)
-    end.record(compute)
-    duplex = _rate(2 * nbytes * repeats, start, end)
-    return Bandwidth(d2h_gbps=rates[0], h2d_gbps=rates[1], duplex_gbps=duplex)
+    return Bandwidth(
+        d2h_gbps=copy_rate(host[0], gpu[0], repeats=repeats),
+        h2d_gbps=copy_rate(gpu[1], host[1], repeats=repeats),
+        duplex_gbps=duplex_rate((host[0], gpu[0]), (gpu[1], host[1]), repeats=repeats),
+    )
 
 
 @dataclass(frozen=True)

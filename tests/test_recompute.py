@@ -103,42 +103,42 @@ def test_stored_outputs_are_not_recomputed() -> None:
     assert counts["keep_matmuls"] == counts["plain"], "their stored outputs are used instead"
 
 
-def test_an_output_modified_in_place_after_it_was_stored_is_recomputed() -> None:
-    w = torch.randn(16, 16, requires_grad=True)
+class InPlaceBlock:
+    """``y = x @ w`` is stored, then modified in place later in the same forward pass."""
 
-    def block(x: torch.Tensor) -> torch.Tensor:
-        y = x @ w  # stored (KEEP) ...
+    def __init__(self) -> None:
+        self.w = torch.randn(16, 16, requires_grad=True)
+        self.x = torch.randn(8, 16, requires_grad=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.w
         z = y * 2
-        y.add_(1)  # ... then modified in place in the forward pass: the stored value is stale
+        y.add_(1)  # the stored value of y is now stale (or, swapped, racing its copy to host)
         return z + y.sin()
 
-    x = torch.randn(8, 16, requires_grad=True)
-    block(x).sum().backward()
-    plain = [x.grad.clone(), w.grad.clone()]
-    x.grad = w.grad = None
-    checkpoint_with_policy(block, x, policy=keep_all).sum().backward()
-    assert_bitwise_equal(plain, [x.grad, w.grad])
+    def grads(self, run: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        self.x.grad = self.w.grad = None
+        run(self.x).sum().backward()
+        return [self.x.grad.clone(), self.w.grad.clone()]
+
+
+def test_an_output_modified_in_place_after_it_was_stored_is_recomputed() -> None:
+    block = InPlaceBlock()
+    plain = block.grads(block)
+    assert_bitwise_equal(plain, block.grads(lambda x: checkpoint_with_policy(block, x, policy=keep_all)))
 
 
 def test_a_swapped_output_modified_in_place_is_not_brought_back() -> None:
     """Its copy to host could race with the in-place write on a GPU: it is recomputed instead."""
-    w = torch.randn(16, 16, requires_grad=True)
-
-    def block(x: torch.Tensor) -> torch.Tensor:
-        y = x @ w
-        z = y * 2
-        y.add_(1)
-        return z + y.sin()
-
-    x = torch.randn(8, 16, requires_grad=True)
-    block(x).sum().backward()
-    plain = [x.grad.clone(), w.grad.clone()]
-    x.grad = w.grad = None
+    block = InPlaceBlock()
+    plain = block.grads(block)
     off = ActivationOffloader(OffloadConfig(min_bytes=0), backend=SyncCopyBackend())
-    with off:
-        out = checkpoint_with_policy(block, x, policy=swap_all, store=off.store)
-    out.sum().backward()
-    assert_bitwise_equal(plain, [x.grad, w.grad])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with off:
+            return checkpoint_with_policy(block, x, policy=swap_all, store=off.store)
+
+    assert_bitwise_equal(plain, block.grads(run))
     y_bytes = 8 * 16 * 4
     assert off.stats.bytes_prefetched == off.stats.bytes_offloaded - y_bytes, "y's copy is never used"
 
@@ -208,20 +208,12 @@ class LateCopyBackend(SyncCopyBackend):
 
 
 def test_a_swapped_output_written_in_place_before_its_late_copy_is_recomputed() -> None:
-    w = torch.randn(16, 16, requires_grad=True)
-
-    def block(x: torch.Tensor) -> torch.Tensor:
-        y = x @ w
-        z = y * 2
-        y.add_(1)  # lands in y's host copy, which is made only later
-        return z + y.sin()
-
-    x = torch.randn(8, 16, requires_grad=True)
-    block(x).sum().backward()
-    plain = [x.grad.clone(), w.grad.clone()]
-    x.grad = w.grad = None
+    block = InPlaceBlock()
+    plain = block.grads(block)
     off = ActivationOffloader(OffloadConfig(min_bytes=0), backend=LateCopyBackend())
-    with off:
-        out = checkpoint_with_policy(block, x, policy=swap_all, store=off.store)
-    out.sum().backward()
-    assert_bitwise_equal(plain, [x.grad, w.grad])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with off:
+            return checkpoint_with_policy(block, x, policy=swap_all, store=off.store)
+
+    assert_bitwise_equal(plain, block.grads(run))
