@@ -44,7 +44,11 @@ def find_blocks(model: nn.Module, block_types: tuple[type, ...] | None) -> list[
     """The modules to plan per block: instances of ``block_types``, or else the largest run of sibling
     modules of one class inside a ``ModuleList`` or ``Sequential`` (the repeated layers)."""
     if block_types is not None:
-        return [m for m in model.modules() if isinstance(m, block_types)]
+        found = [(name, m) for name, m in model.named_modules() if isinstance(m, block_types)]
+        # only the outermost: a block inside another block runs (and is recomputed) with its parent
+        outer = [(name, m) for name, m in found
+                 if not any(name.startswith(f"{other}.") for other, _ in found if other != name)]
+        return [m for _, m in outer]
     best: list[nn.Module] = []
     for container in model.modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)):
@@ -139,7 +143,8 @@ class ActivationManager:
         self._blocks: list[nn.Module] = []
         self._model: nn.Module | None = None
         self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
-        self._works: dict[tuple[Any, ...], tuple[Workload, _Profile, tuple[float, float]]] = {}
+        self._works: dict[tuple[Any, ...], tuple[Workload, _Profile, Any]] = {}
+        self._late: set[tuple[Any, ...]] = set()
         self._observed: set[tuple[Any, ...]] = set()
         self._plan: Plan | None = None
         self._profile: _Profile | None = None
@@ -151,6 +156,7 @@ class ActivationManager:
         self._step_marks: tuple[Any, Any] | None = None
         self._bandwidth: Bandwidth | None = None
         self._baseline = 0
+        self._step_clean = False
 
     # -- setup --------------------------------------------------------------------------------------
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -187,6 +193,7 @@ class ActivationManager:
         self._plans.clear()
         self._works.clear()
         self._observed.clear()
+        self._late.clear()
         self._plan, self._pending, self._bandwidth = None, None, None
 
     # -- per step -----------------------------------------------------------------------------------
@@ -197,8 +204,11 @@ class ActivationManager:
         if self._model is None:
             raise RuntimeError("call ActivationManager.wrap(model) before step()")
         self._finish_profiling()
+        self._finish_late_profiles()
         self._observe()
         self._call, self._step_plan, self._profile = 0, None, None
+        pool_before = self._offloader.pinned_bytes_reserved
+        self._step_clean = False
         with self._offloader, self._offloader.swapping(False):
             start = self._mark()
             self._baseline = torch.cuda.memory_allocated() if self._on_cuda() else 0
@@ -208,6 +218,8 @@ class ActivationManager:
             finally:
                 self._in_step = False
                 self._step_marks = (start, self._mark())
+        # a step that grew the pinned pool (pinned allocations synchronize) does not represent the others
+        self._step_clean = self._offloader.pinned_bytes_reserved == pool_before
         if self._profile is not None:
             if self._on_cuda():
                 self._profile.forward_end = torch.cuda.memory_allocated() - self._profile.baseline
@@ -249,13 +261,18 @@ class ActivationManager:
             else:
                 self._profile = _Profile("cuda" if self._on_cuda() else "cpu")
         plan = self._step_plan
-        if plan is None or call >= len(plan.blocks):
-            return self._profile_block(call, block, *args, **kwargs)
-        bp = plan.blocks[call]
         store = self._offloader.store
+        if plan is None:
+            return self._profile_block(call, block, *args, **kwargs)
+        if call >= len(plan.blocks):  # more block calls than when this shape was profiled: least memory
+            with self._offloader.swapping(False):
+                return checkpoint_with_policy(
+                    block, *args, policy=_recompute_all, store=store, fn_kwargs=kwargs
+                )
+        bp = plan.blocks[call]
         if bp.mode is BlockMode.CHECKPOINT:
             with self._offloader.swapping(bp.swap_input):
-                return checkpoint_with_policy(block, *args, policy=bp.policy(), store=store, **kwargs)
+                return checkpoint_with_policy(block, *args, policy=bp.policy(), store=store, fn_kwargs=kwargs)
         with self._offloader.swapping(bp.mode is BlockMode.SWAP):
             return block(*args, **kwargs)
 
@@ -283,15 +300,15 @@ class ActivationManager:
                     saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
                 return t
 
-            frame = _Frame(lambda i, op: OpDecision.RECOMPUTE, LocalStore(), profile.ops)
+            frame = _Frame(_recompute_all, LocalStore(), profile.ops)
             with saved_tensors_hooks(spy, lambda t: t), _RecordingMode(frame):
                 out = block(*args, **kwargs)
             profile.saved.append(sum(saved.values()))
             return out
         with self._offloader.swapping(False):
             return checkpoint_with_policy(
-                block, *args, policy=lambda i, op: OpDecision.RECOMPUTE, store=self._offloader.store,
-                profiler=profile.ops, **kwargs,
+                block, *args, policy=_recompute_all, store=self._offloader.store, profiler=profile.ops,
+                fn_kwargs=kwargs,
             )
 
     def _head_done(self, profile: _Profile, grad: torch.Tensor) -> None:
@@ -334,13 +351,24 @@ class ActivationManager:
             ),
             other_grad_bytes=max(0, _grad_bytes(self._model) - sum(grads)) if self._model else 0,
         )
-        times = (0.0, 0.0)
-        if profile.head_mark is not None and profile.blocks_mark is not None:
-            head_ms = self._elapsed(end, profile.head_mark)
-            times = (head_ms, self._elapsed(profile.head_mark, profile.blocks_mark))
-        self._works[key] = (work, profile, times)
+        self._works[key] = (work, profile, end)
         self._observed.discard(key)
-        self._store_plan(key, self._calibrate(work, profile, times, 1.0))
+        self._store_plan(key, self._calibrate(work, profile, self._times(profile, end), 1.0))
+        if profile.blocks_mark is None and self._on_cuda():
+            self._late.add(key)  # its backward has not run yet (gradient accumulation): calibrate later
+
+    def _times(self, profile: _Profile, end: Any) -> tuple[float, float]:
+        """The head's and the blocks' backward times of a profiling step, once its backward has run."""
+        if profile.head_mark is None or profile.blocks_mark is None:
+            return (0.0, 0.0)
+        return (self._elapsed(end, profile.head_mark), self._elapsed(profile.head_mark, profile.blocks_mark))
+
+    def _finish_late_profiles(self) -> None:
+        """Calibrate the plans whose profiling step's backward ran after the next step began."""
+        for key in [k for k in self._late if k in self._works and self._works[k][1].blocks_mark is not None]:
+            self._late.discard(key)
+            work, profile, end = self._works[key]
+            self._store_plan(key, self._calibrate(work, profile, self._times(profile, end), 1.0), warn=False)
 
     def _store_plan(self, key: tuple[Any, ...], work: Workload, *, warn: bool = True) -> None:
         plan = make_plan(work, self.config.policy, self._budget())
@@ -358,6 +386,7 @@ class ActivationManager:
             dropped, _ = self._plans.popitem(last=False)
             self._works.pop(dropped, None)
             self._observed.discard(dropped)
+            self._late.discard(dropped)
         self._plan = plan
 
     @staticmethod
@@ -390,10 +419,12 @@ class ActivationManager:
         """After the first step that ran a plan, compare its forward time with the prediction and, if
         they differ by more than 5%, rescale the measured op times and plan once more."""
         plan, marks, key = self._step_plan, self._step_marks, self._key
-        if plan is None or marks is None or key in self._observed or key not in self._works:
+        if (plan is None or marks is None or not self._step_clean or key in self._observed
+                or key not in self._works):
             return
         self._observed.add(key)
-        work, profile, times = self._works[key]
+        work, profile, end = self._works[key]
+        times = self._times(profile, end)
         current = self._calibrate(work, profile, times, 1.0)
         predicted = simulate(current, plan.blocks).forward_ms
         measured = self._elapsed(*marks)
@@ -445,6 +476,10 @@ class ActivationManager:
             end.synchronize()
             return float(start.elapsed_time(end))
         return (end - start) * 1e3
+
+
+def _recompute_all(index: int, op: object) -> OpDecision:
+    return OpDecision.RECOMPUTE
 
 
 def _grad_bytes(module: nn.Module) -> int:

@@ -142,6 +142,11 @@ class ActivationOffloader:
         return self._step.counters.summarize(self._backend, *self._pool.usage())
 
     @property
+    def pinned_bytes_reserved(self) -> int:
+        """Bytes the pinned pool holds now (0 before the first step)."""
+        return self._pool.capacity if self._pool is not None else 0
+
+    @property
     def saved_bytes(self) -> int:
         """Activation bytes saved through the engine in the most recent step (kept or swapped; read
         without waiting for the device)."""

@@ -117,7 +117,7 @@ class Plan:
                     f"{sum(b.recompute_ms for b in self.blocks):>14.2f}")
         rows.append(f"policy {self.policy}; budget {format_bytes(self.budget)}; predicted peak "
                     f"{format_bytes(self.predicted_peak)}; predicted step {self.predicted_ms:.1f} ms "
-                    f"({self.predicted_ms / self.plain_ms:.3f} x keeping everything)")
+                    f"({self.predicted_ms / max(self.plain_ms, 1e-9):.3f} x keeping everything)")
         return "\n".join(rows)
 
 
@@ -206,8 +206,8 @@ class Prediction:
 
 def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     """Peak activation memory and forward+backward time of ``plans`` (see the module docstring)."""
-    d2h_rate = work.bandwidth.d2h_gbps * 1e6  # bytes per ms
-    h2d_rate = work.bandwidth.h2d_gbps * 1e6
+    d2h_rate = max(work.bandwidth.d2h_gbps, 1e-9) * 1e6  # bytes per ms
+    h2d_rate = max(work.bandwidth.h2d_gbps, 1e-9) * 1e6
     blocks = list(zip(work.blocks, plans, strict=True))
     # forward: each block's swapped bytes join the D2H queue when the block ends
     t, queue_free = work.other_ms / 2, 0.0

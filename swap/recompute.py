@@ -9,10 +9,12 @@ the replaying mode returns them in the recompute instead of running the op again
 torch's own selective checkpointing cannot swap (its ``*_CPU_OFFLOAD`` policies are recompute in eager
 mode), hence this small pair of modes.
 
-Ops that are always recomputed, whatever the policy says: views and in-place ops (their outputs alias
-their inputs, so recomputing them is free), ops that draw random numbers (skipping one would shift every
-later draw of the recompute away from the forward's, so dropout could not be reproduced), and an op whose
-stored output was modified in place later in the forward pass (the stored value is stale).
+Ops that are always recomputed, whatever the policy says: views and ops that modify their inputs (their
+outputs alias their inputs, and an in-place update such as batch norm's running statistics must happen
+in both passes, as with torch's checkpoint), casts (autocast caches them, so they are not counted), ops
+that draw random numbers (skipping one would shift every later draw of the recompute away from the
+forward's, so dropout could not be reproduced), and an op whose stored output was modified in place
+later (the stored value is stale, or its copy to host raced the write).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from .profile import OpProfiler
@@ -91,7 +93,18 @@ def _draws_random_numbers(op: torch._ops.OpOverload, args: Sequence[Any], kwargs
     return True
 
 
-_UNCOUNTED = (torch.ops.aten.detach.default,)  # autograd's saving adds these in the recompute only
+_UNCOUNTED = (
+    torch.ops.aten.detach.default,  # autograd's saving adds these in the recompute only
+    # Autocast caches a weight's cast within a region: a block called twice casts in its first call
+    # only, but in every recompute. Casts are left out of the op count (and always recomputed), so the
+    # indices of the other ops agree between the two passes.
+    torch.ops.aten._to_copy.default,
+)
+
+
+def _mutates(op: torch._ops.OpOverload) -> bool:
+    # batch norm updates its running statistics without declaring it in its schema
+    return op._schema.is_mutable or ("batch_norm" in op._schema.name and "backward" not in op._schema.name)
 
 
 class _Frame:
@@ -102,7 +115,7 @@ class _Frame:
         self.store = store
         self.profiler = profiler
         self.call = profiler.new_call() if profiler is not None else -1
-        self.records: dict[int, tuple[torch._ops.OpOverload, Any, list[Any]]] = {}
+        self.records: dict[int, tuple[torch._ops.OpOverload, tuple[Any, ...], Any, list[Any]]] = {}
         self.by_storage: dict[int, list[int]] = {}
         self.forward_ops = 0
         self.replay_ops = 0
@@ -118,6 +131,13 @@ class _Frame:
                 if isinstance(tensor, torch.Tensor):
                     for index in self.by_storage.pop(tensor.untyped_storage().data_ptr(), ()):
                         self.records.pop(index, None)
+
+
+def _fingerprint(op: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The op and the shapes and dtypes of its tensor arguments: what must match between the forward
+    pass and the recompute at the same op index."""
+    leaves = tree_leaves((args, kwargs))
+    return (op, *((tuple(t.shape), t.dtype) for t in leaves if isinstance(t, torch.Tensor)))
 
 
 class _RecordingMode(TorchDispatchMode):
@@ -137,9 +157,10 @@ class _RecordingMode(TorchDispatchMode):
         out = func(*args, **kwargs)
         index = frame.forward_ops
         frame.forward_ops += 1
+        mutates = _mutates(func)
         if func._schema.is_mutable:
             frame.forget_written(func, args, kwargs)
-        storable = not (_aliases_an_input(func) or _draws_random_numbers(func, args, kwargs))
+        storable = not (mutates or _aliases_an_input(func) or _draws_random_numbers(func, args, kwargs))
         if profiler is not None:
             profiler.stop(frame.call, index, func, out, storable, mark)
         if not storable:
@@ -150,7 +171,7 @@ class _RecordingMode(TorchDispatchMode):
         leaves, spec = tree_flatten(out)
         save = frame.store.swap if decision is OpDecision.SWAP else frame.store.keep
         records = [save(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-        frame.records[index] = (func, spec, records)
+        frame.records[index] = (func, _fingerprint(func, args, kwargs), spec, records)
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
                 frame.by_storage.setdefault(leaf.untyped_storage().data_ptr(), []).append(index)
@@ -177,12 +198,13 @@ class _ReplayingMode(TorchDispatchMode):
         stored = frame.records.get(index)
         if stored is None:
             return func(*args, **(kwargs or {}))
-        op, spec, records = stored
-        if op != func:
+        op, fingerprint, spec, records = stored
+        if fingerprint != _fingerprint(func, args, kwargs or {}):
             raise RuntimeError(
                 f"deltaswap: the recompute of a checkpointed block ran {func} where the forward pass ran "
-                f"{op} (op {index}). The block's forward must run the same ops every time it is called "
-                f"with the same inputs; exclude blocks with data-dependent control flow (block_types)."
+                f"{op} (op {index}, or the same op on other shapes). The block's forward must run the "
+                f"same ops every time it is called with the same inputs; exclude blocks with "
+                f"data-dependent control flow (block_types)."
             )
         if any(getattr(r, "is_stale", _never)() for r in records):
             return func(*args, **(kwargs or {}))  # modified in place after it was stored: recompute
@@ -200,7 +222,7 @@ def checkpoint_with_policy(
     policy: OpPolicy,
     store: SavedStore | None = None,
     profiler: OpProfiler | None = None,
-    **kwargs: Any,
+    fn_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Run ``fn(*args, **kwargs)`` under non-reentrant checkpointing, keeping, swapping or recomputing
     each op's output as ``policy`` decides.
@@ -217,6 +239,8 @@ def checkpoint_with_policy(
             :class:`LocalStore` (``SWAP`` then keeps on the device).
         profiler: if given, times each op of this call and records its output bytes
             (:class:`~deltaswap.swap.profile.OpProfiler`).
+        fn_kwargs: keyword arguments for ``fn``. They are passed to torch's checkpoint positionally, so
+            that their tensors take part in its device and RNG-state handling like ``args``.
 
     Example::
 
@@ -230,10 +254,17 @@ def checkpoint_with_policy(
         op at the same position raises an error rather than returning a wrong value.
     """
     frame = _Frame(policy, store if store is not None else LocalStore(), profiler)
+    names = list(fn_kwargs or {})
+    values = [fn_kwargs[name] for name in names] if fn_kwargs else []
+    n_args = len(args)
+
+    def call(*flat: Any) -> Any:
+        return fn(*flat[:n_args], **dict(zip(names, flat[n_args:], strict=True)))
+
     return checkpoint(
-        fn,
+        call,
         *args,
+        *values,
         use_reentrant=False,
         context_fn=lambda: (_RecordingMode(frame), _ReplayingMode(frame)),
-        **kwargs,
     )

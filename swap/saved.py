@@ -46,13 +46,17 @@ class Origin:
         """
         if tensor is None or tensor._version == self.version:
             return
+        self.fail(tensor.type(), tensor._version)
+
+    def fail(self, type_name: str, version: int) -> None:
+        """Raise PyTorch's in-place error for a tensor of ``type_name`` now at ``version``."""
         where = ""
         if self.grad_fn_type is not None:
             name = self.grad_fn_type.__name__.removesuffix("Backward0")
             where = f", which is output {self.output_nr} of {name},"
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an inplace "
-            f"operation: [{tensor.type()} {list(self.shape)}]{where} is at version {tensor._version}; "
+            f"operation: [{type_name} {list(self.shape)}]{where} is at version {version}; "
             f"expected version {self.version} instead. Hint: enable anomaly detection to find the "
             "operation that failed to compute its gradient, with torch.autograd.set_detect_anomaly(True, "
             "check_nan=False). (Detected by deltaswap, which swapped or kept this saved tensor.)"
@@ -69,6 +73,7 @@ class SwappedStorage:
     def __init__(
         self,
         *,
+        origin: torch.Tensor,
         source: torch.Tensor,
         block: PinnedBlock,
         start: int,
@@ -92,6 +97,10 @@ class SwappedStorage:
         self.data_ptr = source.untyped_storage().data_ptr()
         self.source: torch.Tensor | None = source
         """The device bytes, held until the device->host copy has read them."""
+        self._watch: torch.Tensor | None = detach_sharing_version(origin)
+        self.modified_at: tuple[str, int] | None = None
+        """``(type, version)`` if the tensor was modified in place while its copy was in flight: the host
+        copy may then hold either value."""
         self.d2h: Copy = backend.copy_to_host(block.buffer, source, block.reuse_after)
         self.device_bytes: torch.Tensor | None = None
         self.h2d: Copy | None = None
@@ -111,14 +120,22 @@ class SwappedStorage:
             and (begin - self.start) % elem_size == 0
         )
 
+    def _stop_watching(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None and watch._version != self.version:
+            self.modified_at = (watch.type(), watch._version)
+
     def release_source_if_copied(self) -> bool:
         """Drop the device bytes if their copy to host has finished. Returns whether they are gone."""
         if self.source is not None and self._backend.is_done(self.d2h):
+            self._stop_watching()
             self.source = None
         return self.source is None
 
     def hand_source_to_allocator(self) -> None:
-        """Drop the device bytes now; the allocator reuses them only after the copy stream read them."""
+        """Drop the device bytes now; the allocator reuses them only after the copy stream read them.
+        An in-place write seen until now marks the copy as modified."""
+        self._stop_watching()
         if self.source is not None:
             self._backend.hold_until_copied(self.source, to_host=True)
             self.source = None
@@ -201,10 +218,13 @@ class SwappedTensor:
     def is_stale(self) -> bool:
         """Was the tensor (or its base) modified in place since it was saved?"""
         tensor = self.tensor_ref()
-        return tensor is not None and tensor._version != self.origin.version
+        moved = tensor is not None and tensor._version != self.origin.version
+        return moved or self.storage.modified_at is not None
 
     def unpack(self) -> torch.Tensor:
         self.origin.check(self.tensor_ref())
+        if self.storage.modified_at is not None:
+            self.origin.fail(*self.storage.modified_at)
         data = self.storage.on_device()
         out = torch.empty(0, dtype=self.dtype, device=data.device)
         return out.set_(data.untyped_storage(), self.offset, self.size, self.stride)

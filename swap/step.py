@@ -100,6 +100,7 @@ class OffloadStep:
         source = torch.empty(0, dtype=torch.uint8, device=tensor.device)
         source.set_(storage, start, (stop - start,), (1,))
         host = SwappedStorage(
+            origin=tensor,
             source=source,
             block=block,
             start=start,

@@ -188,3 +188,67 @@ def test_the_first_planned_step_calibrates_op_times_and_replans_once() -> None:
     assert mgr.plan is second, "calibrated once, not on every step"
     assert first is not None and second is not None
     assert len(mgr._works) == 1
+
+
+def test_nested_block_types_plan_only_the_outer_blocks() -> None:
+    from gpt import MLP, Block
+
+    model, batches = model_and_batches(3)
+    assert find_blocks(model, (Block, MLP)) == list(model.blocks)
+    plain = train(model, batches)
+    mgr = ActivationManager(SwapConfig(min_bytes=0, block_types=(Block, MLP), policy="recompute"),
+                            backend=SyncCopyBackend())
+    mgr.wrap(model)
+    for expected, actual in zip(plain, train(model, batches, mgr), strict=True):
+        assert_bitwise_equal(expected, actual)
+
+
+class Deeper(nn.Module):
+    """Runs its blocks, and on request its last block once more (layer repetition)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(3))
+        self.repeat_last = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        if self.repeat_last:
+            x = self.blocks[-1](x)
+        return x.pow(2).mean()
+
+
+def test_more_block_calls_than_the_plan_knows_run_with_least_memory() -> None:
+    model, x = Deeper(), torch.randn(8, 32)
+
+    def grads(mgr: ActivationManager | None) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with mgr.step() if mgr else contextlib.nullcontext():
+            loss = model(x)
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    model.repeat_last = True
+    plain = grads(None)
+    mgr = manager(policy="keep")
+    model.repeat_last = False
+    mgr.wrap(model)
+    grads(mgr)  # profiles three block calls
+    model.repeat_last = True  # the same input shape, four calls now
+    assert_bitwise_equal(plain, grads(mgr))
+
+
+def test_a_failed_step_does_not_calibrate_the_plan() -> None:
+    model, batches = model_and_batches(3)
+    mgr = manager(policy="recompute")
+    mgr.wrap(model)
+    train(model, batches[:1], mgr)  # the profiling step
+    with pytest.raises(ValueError), mgr.step():  # the first planned step fails
+        model(*batches[2])
+        raise ValueError("out of memory, say")
+    train(model, batches[2:], mgr)  # starts by observing the last step: the failed one is not used
+    assert mgr._key not in mgr._observed
+    train(model, batches[2:], mgr)
+    assert mgr._key in mgr._observed

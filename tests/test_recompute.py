@@ -12,7 +12,7 @@ from torch import nn
 
 from deltaswap.swap import ActivationOffloader, OffloadConfig, SyncCopyBackend
 from deltaswap.swap.profile import OpProfiler
-from deltaswap.swap.recompute import checkpoint_with_policy
+from deltaswap.swap.recompute import OpDecision, checkpoint_with_policy
 
 from gpt import GPT, GPTConfig, random_batch
 from helpers import MATMULS, POLICIES, assert_bitwise_equal, keep_all, keep_matmuls, recompute_all, swap_all
@@ -206,6 +206,9 @@ class LateCopyBackend(SyncCopyBackend):
         self.pending.clear()
         return super().copy_to_device(src, after)
 
+    def is_done(self, copy: object) -> bool:
+        return not self.pending
+
 
 def test_a_swapped_output_written_in_place_before_its_late_copy_is_recomputed() -> None:
     block = InPlaceBlock()
@@ -217,3 +220,83 @@ def test_a_swapped_output_written_in_place_before_its_late_copy_is_recomputed() 
             return checkpoint_with_policy(block, x, policy=swap_all, store=off.store)
 
     assert_bitwise_equal(plain, block.grads(run))
+
+
+def test_a_swapped_output_written_in_place_after_the_block_during_its_copy_is_recomputed() -> None:
+    w = torch.randn(16, 16, requires_grad=True)
+    x = torch.randn(8, 16, requires_grad=True)
+
+    def block(h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(h @ w)  # tanh's output is stored (SWAP) and saved by tanh's backward
+
+    def grads(run: Callable[[torch.Tensor], torch.Tensor], ctx: contextlib.AbstractContextManager) -> list:
+        x.grad = w.grad = None
+        with ctx:
+            y = run(x)
+            out = (y * 3).sum()
+            y.mul_(2)  # after the block, while y's copy to host is still pending
+            del y
+        out.backward()
+        return [x.grad.clone(), w.grad.clone()]
+
+    def torch_checkpoint(h: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+
+    expected = grads(torch_checkpoint, contextlib.nullcontext())  # the recompute sees the unmodified value
+    off = ActivationOffloader(OffloadConfig(min_bytes=0), backend=LateCopyBackend())
+    ours = grads(lambda h: checkpoint_with_policy(block, h, policy=swap_all, store=off.store), off)
+    assert_bitwise_equal(expected, ours)
+
+
+def test_a_block_called_twice_under_autocast_keeps_its_op_indices() -> None:
+    """Autocast caches weight casts within a region: the second call would skip casts its recompute
+    makes, shifting every later op index."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+    x = torch.randn(8, 32, requires_grad=True)
+
+    def addmm_only(index: int, op: torch._ops.OpOverload) -> OpDecision:
+        return OpDecision.KEEP if op is torch.ops.aten.addmm.default else OpDecision.RECOMPUTE
+
+    def grads(run: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        seq.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = run(run(x)).float().sum()
+        loss.backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in seq.parameters()]
+
+    plain = grads(seq)
+    assert_bitwise_equal(plain, grads(lambda h: checkpoint_with_policy(seq, h, policy=addmm_only)))
+
+
+def test_mutating_ops_are_never_stored() -> None:
+    """BatchNorm updates its running statistics in place: storing its output instead of running it in
+    the recompute would change them (torch's checkpoint runs it in both passes)."""
+    torch.manual_seed(0)
+
+    def stats(run: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        torch.manual_seed(0)
+        block = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Tanh())
+        run(block, torch.randn(32, 16, requires_grad=True)).sum().backward()
+        return block[1].running_mean.clone()
+
+    expected = stats(lambda b, h: torch.utils.checkpoint.checkpoint(b, h, use_reentrant=False))
+    assert torch.equal(expected, stats(lambda b, h: checkpoint_with_policy(b, h, policy=keep_all)))
+
+
+def test_keyword_arguments_reach_the_block_and_their_gradients_flow() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 16)
+
+    def block(h: torch.Tensor, *, debug: torch.Tensor, policy: float) -> torch.Tensor:
+        return torch.tanh(lin(h) * debug) * policy  # names that torch's checkpoint or ours also use
+
+    x = torch.randn(8, 16, requires_grad=True)
+    scale = torch.randn(16, requires_grad=True)
+    block(x, debug=scale, policy=0.5).sum().backward()
+    plain = [x.grad.clone(), scale.grad.clone()]
+    x.grad = scale.grad = None
+    out = checkpoint_with_policy(block, x, policy=keep_matmuls, fn_kwargs={"debug": scale, "policy": 0.5})
+    out.sum().backward()
+    assert_bitwise_equal(plain, [x.grad, scale.grad])
