@@ -318,6 +318,7 @@ def pareto_plot(results: dict[str, Any], path: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         print("--plot needs matplotlib: pip install 'deltaswap[plot]'", file=sys.stderr)
         return
@@ -332,6 +333,9 @@ def pareto_plot(results: dict[str, Any], path: str) -> None:
     ax.set_ylabel("step time (x plain)")
     ax.set_title("deltaswap (red) and torch (blue): step time vs activation memory")
     ax.set_yscale("log")
+    ratio = FuncFormatter(lambda v, _: f"{v:.2f}x")
+    ax.yaxis.set_major_formatter(ratio)
+    ax.yaxis.set_minor_formatter(ratio)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
