@@ -11,9 +11,10 @@ The model (DESIGN.md, "How the planner decides"):
   of backward progress early; when they arrive late the compute stream stalls.
 - A recomputed op costs its measured time again. Keeping costs memory and no time.
 
-``auto`` starts from keeping everything, swaps the first blocks while the copies hide (the simulation
-says so), then moves to checkpointed blocks where each stored op output is the one with the most compute
-per byte, taking at each step the move that frees memory for the least time, until the peak fits.
+``auto`` starts from keeping everything. For each number of leading blocks to swap (as many as the
+simulation says hide their copies, down to none) it checkpoints the other blocks, storing the op outputs
+with the most compute per byte, always taking the move that frees memory for the least time, until the
+peak fits; the fastest plan that fits wins.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class Plan:
     blocks: tuple[BlockPlan, ...]
     budget: int
     predicted_peak: int
-    """Activation bytes on the GPU at the peak (end of the forward pass, plus one block's recompute)."""
+    """Activation bytes on the GPU at the peak: the highest of the forward's end, the head's backward
+    and the blocks' backward (gradients, returning swapped bytes, one block's recompute)."""
     predicted_ms: float
     """Forward plus backward time."""
     plain_ms: float

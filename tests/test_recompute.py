@@ -121,6 +121,16 @@ class InPlaceBlock:
         run(self.x).sum().backward()
         return [self.x.grad.clone(), self.w.grad.clone()]
 
+    def swapped_grads(self, backend: SyncCopyBackend) -> tuple[list[torch.Tensor], ActivationOffloader]:
+        """Gradients with every op output of the block swapped through ``backend``."""
+        off = ActivationOffloader(OffloadConfig(min_bytes=0), backend=backend)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with off:
+                return checkpoint_with_policy(self, x, policy=swap_all, store=off.store)
+
+        return self.grads(run), off
+
 
 def test_an_output_modified_in_place_after_it_was_stored_is_recomputed() -> None:
     block = InPlaceBlock()
@@ -131,14 +141,8 @@ def test_an_output_modified_in_place_after_it_was_stored_is_recomputed() -> None
 def test_a_swapped_output_modified_in_place_is_not_brought_back() -> None:
     """Its copy to host could race with the in-place write on a GPU: it is recomputed instead."""
     block = InPlaceBlock()
-    plain = block.grads(block)
-    off = ActivationOffloader(OffloadConfig(min_bytes=0), backend=SyncCopyBackend())
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with off:
-            return checkpoint_with_policy(block, x, policy=swap_all, store=off.store)
-
-    assert_bitwise_equal(plain, block.grads(run))
+    grads, off = block.swapped_grads(SyncCopyBackend())
+    assert_bitwise_equal(block.grads(block), grads)
     y_bytes = 8 * 16 * 4
     assert off.stats.bytes_prefetched == off.stats.bytes_offloaded - y_bytes, "y's copy is never used"
 
@@ -212,14 +216,8 @@ class LateCopyBackend(SyncCopyBackend):
 
 def test_a_swapped_output_written_in_place_before_its_late_copy_is_recomputed() -> None:
     block = InPlaceBlock()
-    plain = block.grads(block)
-    off = ActivationOffloader(OffloadConfig(min_bytes=0), backend=LateCopyBackend())
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with off:
-            return checkpoint_with_policy(block, x, policy=swap_all, store=off.store)
-
-    assert_bitwise_equal(plain, block.grads(run))
+    grads, _ = block.swapped_grads(LateCopyBackend())
+    assert_bitwise_equal(block.grads(block), grads)
 
 
 def test_a_swapped_output_written_in_place_after_the_block_during_its_copy_is_recomputed() -> None:
