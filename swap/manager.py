@@ -349,6 +349,8 @@ class ActivationManager:
             lookahead=self.config.offload_config().lookahead_bytes(
                 other_bytes + sum(b.saved_bytes for b in blocks)
             ),
+            lookahead_fraction=(self.config.prefetch_lookahead
+                                if isinstance(self.config.prefetch_lookahead, float) else None),
             other_grad_bytes=max(0, _grad_bytes(self._model) - sum(grads)) if self._model else 0,
         )
         self._works[key] = (work, profile, end)

@@ -135,7 +135,10 @@ class Workload:
     bandwidth: Bandwidth
     min_bytes: int = 1 << 20
     lookahead: int = 0
-    """Prefetch look-ahead in bytes of backward progress."""
+    """Prefetch look-ahead in bytes of backward progress (used when ``lookahead_fraction`` is None)."""
+    lookahead_fraction: float | None = None
+    """The engine's look-ahead as a fraction of the bytes it sees in a step: those depend on the plan
+    (a checkpointed block passes only its input and stored outputs through the engine)."""
     backward_ratio: float = BACKWARD_RATIO
     peak_offset: int = 0
     """Added to the peak of the blocks' backward: what the profiling step measured there minus what the
@@ -230,6 +233,9 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     # (bytes of saved tensors consumed, the head's first) is within `lookahead` of them, and must land
     # about when the block needs them (halfway through its backward, on average).
     sizes = [plan.kept_bytes + plan.swapped_bytes for plan in plans]
+    lookahead = work.lookahead
+    if work.lookahead_fraction is not None:
+        lookahead = max(1, int(work.lookahead_fraction * (work.other_bytes + sum(sizes))))
     other_backward = (work.other_ms * work.backward_ratio if work.other_backward_ms is None
                       else work.other_backward_ms)
     t = forward_end + other_backward
@@ -241,7 +247,7 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     for k in range(len(plans) - 1, -1, -1):
         cost, plan = blocks[k]
         if plan.swapped_bytes:
-            due = consumed - work.lookahead
+            due = consumed - lookahead
             issued[k] = next((when for at, when in reached if at >= due), t)
             h2d_free = max(issued[k], copy_end[k], h2d_free) + plan.swapped_bytes / h2d_rate
             # tensors come back in the order the block uses them: on average each is needed halfway in

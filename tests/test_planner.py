@@ -3,6 +3,8 @@ recomputing cheap ops, predicts memory and time consistently."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from deltaswap.swap.planner import (
@@ -108,3 +110,13 @@ def test_an_impossible_budget_returns_the_smallest_plan_it_found() -> None:
     plan = make_plan(work, "auto", budget=100 * MB)
     assert plan.predicted_peak > 100 * MB
     assert plan.predicted_peak <= make_plan(work, "recompute", budget=0).predicted_peak
+
+
+def test_a_fractional_lookahead_follows_the_bytes_the_plan_passes_through_the_engine() -> None:
+    """With checkpointed blocks the engine sees few bytes, so a fractional look-ahead is short and the
+    swapped bytes come back late: later than a look-ahead sized from keeping everything suggests."""
+    base = workload(gbps=5.0)
+    plans = [swap_block(base.blocks[0])] + [frontier(c, MB)[-1] for c in base.blocks[1:]]
+    absolute = simulate(base, plans)  # 1200 MB of look-ahead
+    fraction = simulate(dataclasses.replace(base, lookahead_fraction=0.25), plans)
+    assert fraction.stall_ms > absolute.stall_ms
