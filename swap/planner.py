@@ -62,8 +62,7 @@ class BlockCost:
 
     def scaled(self, factor: float) -> BlockCost:
         """The same block with every op time multiplied by ``factor``."""
-        ops = tuple(OpRecord(o.index, o.op, o.out_bytes, o.ms * factor, o.storable) for o in self.ops)
-        return BlockCost(ops, self.input_bytes, self.saved_bytes, self.grad_bytes)
+        return replace(self, ops=tuple(replace(op, ms=op.ms * factor) for op in self.ops))
 
 
 @dataclass(frozen=True)
