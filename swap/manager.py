@@ -12,7 +12,7 @@ import contextlib
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -28,7 +28,17 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from .backend import CopyBackend, CudaCopyBackend
 from .config import SwapConfig, format_bytes
 from .offloader import ActivationOffloader
-from .planner import BlockCost, BlockMode, Plan, Workload, make_plan, profiling_plans, simulate
+from .planner import (
+    BlockCost,
+    BlockMode,
+    BlockPlan,
+    Plan,
+    Workload,
+    make_plan,
+    plan_manual,
+    profiling_plans,
+    simulate,
+)
 from .pool import available_host_bytes
 from .profile import Bandwidth, OpProfiler, measure_bandwidth
 from .recompute import LocalStore, OpDecision, _Frame, _RecordingMode, checkpoint_with_policy
@@ -144,6 +154,8 @@ class ActivationManager:
         self._model: nn.Module | None = None
         self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
         self._works: dict[tuple[Any, ...], tuple[Workload, _Profile, Any]] = {}
+        self._calibrated: dict[tuple[Any, ...], Workload] = {}
+        self._manual: dict[tuple[Any, ...], tuple[BlockPlan, ...]] = {}
         self._late: set[tuple[Any, ...]] = set()
         self._observed: set[tuple[Any, ...]] = set()
         self._plan: Plan | None = None
@@ -192,6 +204,8 @@ class ActivationManager:
             self.config = config
         self._plans.clear()
         self._works.clear()
+        self._calibrated.clear()
+        self._manual.clear()
         self._observed.clear()
         self._late.clear()
         self._plan, self._pending, self._bandwidth = None, None, None
@@ -230,6 +244,45 @@ class ActivationManager:
     def plan(self) -> Plan | None:
         """The plan of the last input shape (``None`` until a profiling step has finished)."""
         self._finish_profiling()
+        return self._plan
+
+    @property
+    def workload(self) -> Workload | None:
+        """What the plan of the last input shape was made from: the measured (and calibrated) cost of
+        every block call, the bandwidth, and the memory outside the blocks. ``None`` before profiling."""
+        self._finish_profiling()
+        return self._calibrated.get(self._key)
+
+    def use_plan(self, blocks: Sequence[BlockPlan] | None) -> Plan:
+        """Run a hand-made plan for the last input shape instead of the policy's, until :meth:`replan`;
+        ``None`` goes back to the policy. Returns the plan with its prediction.
+
+        Use it to compare plans by measurement (the benchmark's grid does), or to pin a plan you know.
+        Build the blocks from :attr:`workload` with :func:`~deltaswap.swap.planner.keep_block`,
+        :func:`~deltaswap.swap.planner.swap_block` and :func:`~deltaswap.swap.planner.checkpoint_block`.
+
+        Example::
+
+            >>> work = mgr.workload                                            # doctest: +SKIP
+            >>> mgr.use_plan([swap_block(work.blocks[0])]
+            ...              + [checkpoint_block(c, {}) for c in work.blocks[1:]])  # doctest: +SKIP
+
+        Raises:
+            RuntimeError: if no step has been profiled yet.
+            ValueError: if ``blocks`` does not have one entry per block call.
+        """
+        work = self.workload
+        if work is None:
+            raise RuntimeError("use_plan needs a profiled input shape: run one step under mgr.step() first")
+        if blocks is None:
+            self._manual.pop(self._key, None)
+        else:
+            if len(blocks) != len(work.blocks):
+                raise ValueError(f"use_plan needs one BlockPlan per block call: got {len(blocks)} for "
+                                 f"{len(work.blocks)} block calls")
+            self._manual[self._key] = tuple(blocks)
+        self._store_plan(self._key, work, warn=False)
+        assert self._plan is not None
         return self._plan
 
     @property
@@ -373,7 +426,13 @@ class ActivationManager:
             self._store_plan(key, self._calibrate(work, profile, self._times(profile, end), 1.0), warn=False)
 
     def _store_plan(self, key: tuple[Any, ...], work: Workload, *, warn: bool = True) -> None:
-        plan = make_plan(work, self.config.policy, self._budget())
+        manual = self._manual.get(key)
+        budget = self._budget()
+        if manual is None:
+            plan = make_plan(work, self.config.policy, budget)
+        else:
+            plan = plan_manual(work, manual, budget)
+        self._calibrated[key] = work
         if warn and plan.predicted_peak > plan.budget:
             warnings.warn(
                 f"deltaswap: the smallest plan found needs {format_bytes(plan.predicted_peak)} of "
@@ -387,6 +446,8 @@ class ActivationManager:
         while len(self._plans) > PLAN_CACHE_SIZE:
             dropped, _ = self._plans.popitem(last=False)
             self._works.pop(dropped, None)
+            self._calibrated.pop(dropped, None)
+            self._manual.pop(dropped, None)
             self._observed.discard(dropped)
             self._late.discard(dropped)
         self._plan = plan

@@ -10,11 +10,13 @@ The model (DESIGN.md, "How the planner decides"):
   what it recomputes. A swapped block's bytes come back on a host->device queue, started ``lookahead``
   of backward progress early; when they arrive late the compute stream stalls.
 - A recomputed op costs its measured time again. Keeping costs memory and no time.
+- Kernels run ``copy_slowdown`` (measured) slower while a copy runs beside them: each swapped byte costs
+  that fraction of its copy time in each direction, even when the copy itself hides.
 
 ``auto`` starts from keeping everything. For each number of leading blocks to swap (as many as the
-simulation says hide their copies, down to none) it checkpoints the other blocks, storing the op outputs
-with the most compute per byte, always taking the move that frees memory for the least time, until the
-peak fits; the fastest plan that fits wins.
+simulation says the backward need not wait for, down to none) it checkpoints the other blocks, storing
+the op outputs with the most compute per byte, always taking the move that frees memory for the least
+time, until the peak fits; the fastest plan that fits wins.
 """
 
 from __future__ import annotations
@@ -158,10 +160,12 @@ class Workload:
 
 # -- the options of one block -----------------------------------------------------------------------
 def keep_block(cost: BlockCost) -> BlockPlan:
+    """Run the block plainly and keep what it saves."""
     return BlockPlan(BlockMode.KEEP, kept_bytes=cost.saved_bytes)
 
 
 def swap_block(cost: BlockCost) -> BlockPlan:
+    """Run the block plainly and swap what it saves."""
     return BlockPlan(BlockMode.SWAP, swapped_bytes=cost.saved_bytes)
 
 
@@ -216,8 +220,9 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     # forward: each block's swapped bytes join the D2H queue when the block ends
     t, queue_free = work.other_ms / 2, 0.0
     copy_start, copy_end = [], []
+    slowdown = work.bandwidth.copy_slowdown
     for cost, plan in blocks:
-        t += cost.forward_ms
+        t += cost.forward_ms + slowdown * plan.swapped_bytes / d2h_rate  # kernels slowed by the copy
         begin = max(t, queue_free)
         queue_free = begin + plan.swapped_bytes / d2h_rate
         copy_start.append(begin)
@@ -257,6 +262,7 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         reached.append((consumed, t))
         started[k] = t
         t += cost.forward_ms * work.backward_ratio + plan.recompute_ms
+        t += slowdown * plan.swapped_bytes / h2d_rate
         consumed += sizes[k]
     # backward, memory, at each block's start: the blocks not yet done, swapped bytes already back,
     # the block's own recompute, and the gradients allocated so far
@@ -286,6 +292,7 @@ def _finish(work: Workload, plans: list[BlockPlan], budget: int, policy: str) ->
     plain = simulate(work, [keep_block(c) for c in work.blocks])
     calibration = {
         "d2h_gbps": work.bandwidth.d2h_gbps, "h2d_gbps": work.bandwidth.h2d_gbps,
+        "copy_slowdown": work.bandwidth.copy_slowdown,
         "backward_ratio": work.backward_ratio, "other_ms": work.other_ms,
         "other_backward_ms": -1.0 if work.other_backward_ms is None else work.other_backward_ms,
         "other_bytes": float(work.other_bytes), "head_transient": float(work.head_transient),
@@ -309,6 +316,18 @@ def plan_fixed(work: Workload, policy: str, budget: int) -> Plan:
     return _finish(work, plans, budget, policy)
 
 
+def plan_manual(work: Workload, plans: Sequence[BlockPlan], budget: int) -> Plan:
+    """A hand-made plan (one :class:`BlockPlan` per block call), with its predicted peak and time.
+
+    Raises:
+        ValueError: if ``plans`` does not have one entry per block call of ``work``.
+    """
+    if len(plans) != len(work.blocks):
+        raise ValueError(f"a plan needs one BlockPlan per block call: got {len(plans)} for "
+                         f"{len(work.blocks)} block calls")
+    return _finish(work, list(plans), budget, "manual")
+
+
 def delta_block(cost: BlockCost, bandwidth: Bandwidth, min_bytes: int) -> BlockPlan:
     """DELTA's rule per op output: recompute when 2 x swap time > compute time, else swap (the measured
     bandwidth, no overlap model)."""
@@ -321,8 +340,8 @@ def delta_block(cost: BlockCost, bandwidth: Bandwidth, min_bytes: int) -> BlockP
     return checkpoint_block(cost, stored)
 
 
-SWAP_TOLERANCE = 0.005
-"""Swapping whole blocks is taken while the predicted step stays within this fraction of keeping all."""
+STALL_TOLERANCE_MS = 0.5
+"""Plans that swap more leading blocks are tried while the predicted backward stall stays under this."""
 
 
 def plan_auto(work: Workload, budget: int) -> Plan:
@@ -333,11 +352,10 @@ def plan_auto(work: Workload, budget: int) -> Plan:
     pred = simulate(work, keep)
     if pred.peak <= budget:
         return _finish(work, keep, budget, "auto")
-    plain_ms = pred.ms
-    hidden = 0  # how many leading blocks can be swapped while their copies hide
+    hidden = 0  # how many leading blocks can be swapped before the backward waits for their copies
     for k in range(len(keep)):
         trial = [swap_block(c) for c in work.blocks[: k + 1]] + keep[k + 1 :]
-        if simulate(work, trial).ms > plain_ms * (1 + SWAP_TOLERANCE):
+        if simulate(work, trial).stall_ms > STALL_TOLERANCE_MS:
             break
         hidden = k + 1
     best: tuple[bool, float, list[BlockPlan]] | None = None
@@ -403,9 +421,13 @@ __all__ = [
     "Plan",
     "Prediction",
     "Workload",
+    "checkpoint_block",
     "delta_block",
     "frontier",
+    "keep_block",
     "make_plan",
+    "plan_manual",
     "profiling_plans",
     "simulate",
+    "swap_block",
 ]

@@ -26,6 +26,10 @@ class Bandwidth:
     """Host to device."""
     duplex_gbps: float
     """Both directions at once, the two together."""
+    copy_slowdown: float = 0.0
+    """How much slower the compute stream runs while copies move in both directions beside it, as a
+    fraction (0.03: 3% slower). The copies share the device's memory with the kernels; the planner charges
+    this for every millisecond a swap's copy runs."""
 
 
 def _rate(nbytes: int, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
@@ -94,7 +98,60 @@ def measure_bandwidth(
         d2h_gbps=copy_rate(host[0], gpu[0], repeats=repeats),
         h2d_gbps=copy_rate(gpu[1], host[1], repeats=repeats),
         duplex_gbps=duplex_rate((host[0], gpu[0]), (gpu[1], host[1]), repeats=repeats),
+        copy_slowdown=copy_slowdown((host[0], gpu[0]), (gpu[1], host[1])),
     )
+
+
+def _time_kernels(run: Any) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end))
+
+
+def copy_slowdown(to_host: tuple[torch.Tensor, torch.Tensor], to_device: tuple[torch.Tensor, torch.Tensor],
+                  *, trials: int = 3) -> float:
+    """The fraction by which a training-like mix of kernels (bf16 matmuls and elementwise passes over
+    memory) slows down while ``(dst, src)`` copies run in both directions beside it on two streams.
+
+    The median of ``trials`` paired measurements, each a few milliseconds; 0 when no slowdown shows.
+    Waits for the device.
+    """
+    device = to_host[1].device
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+    big = torch.empty(64 << 20, device=device, dtype=torch.bfloat16)
+    sink = torch.empty_like(big)
+
+    def kernels() -> None:
+        for _ in range(8):
+            torch.mm(a, a, out=out)
+            torch.mul(big, 1.5, out=sink)
+
+    kernels()  # warm-up
+    alone = _time_kernels(kernels)
+    nbytes = to_host[1].numel() * to_host[1].element_size()
+    rate = 50e6  # bytes per ms, roughly PCIe gen5: enough copies to cover the kernels twice over
+    repeats = max(2, int(2 * alone * rate / max(nbytes, 1)) + 1)
+    compute = torch.cuda.current_stream(device)
+    ratios = []
+    for _ in range(trials):
+        alone = _time_kernels(kernels)
+        streams = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        for stream, (dst, src) in zip(streams, (to_host, to_device), strict=True):
+            stream.wait_stream(compute)
+            with torch.cuda.stream(stream):
+                for _ in range(repeats):
+                    dst.copy_(src, non_blocking=True)
+        beside = _time_kernels(kernels)
+        for stream in streams:
+            compute.wait_stream(stream)
+        torch.cuda.synchronize(device)
+        ratios.append(beside / alone - 1.0)
+    ratios.sort()
+    return max(0.0, ratios[len(ratios) // 2])
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from torch import nn
 
 from deltaswap.swap import ActivationManager, SwapConfig, SyncCopyBackend
 from deltaswap.swap.manager import PLAN_CACHE_SIZE, find_blocks
-from deltaswap.swap.planner import BlockMode
+from deltaswap.swap.planner import BlockMode, checkpoint_block, keep_block, swap_block
+from deltaswap.swap.recompute import OpDecision
 
 from gpt import GPT, GPTConfig, random_batch
 from helpers import assert_bitwise_equal
@@ -26,12 +27,13 @@ def model_and_batches(n: int = 4) -> tuple[GPT, list[tuple[torch.Tensor, torch.T
 
 
 def train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-          ctx: object = None) -> list[list[torch.Tensor]]:
-    """Gradients of each step (no optimizer: every step sees the same weights)."""
+          ctx: object = None, first: int = 0) -> list[list[torch.Tensor]]:
+    """Gradients of each step (no optimizer: every step sees the same weights); step ``i`` draws its
+    dropout masks from seed ``100 + first + i``."""
     out = []
     for i, (x, y) in enumerate(batches):
         model.zero_grad(set_to_none=True)
-        torch.manual_seed(100 + i)
+        torch.manual_seed(100 + first + i)
         with ctx.step() if ctx is not None else contextlib.nullcontext():  # type: ignore[attr-defined]
             loss = model(x, y)
         loss.backward()
@@ -252,3 +254,33 @@ def test_a_failed_step_does_not_calibrate_the_plan() -> None:
     assert mgr._key not in mgr._observed
     train(model, batches[2:], mgr)
     assert mgr._key in mgr._observed
+
+
+def test_a_hand_made_plan_runs_with_bitwise_equal_gradients_until_replan() -> None:
+    model, batches = model_and_batches()
+    plain = train(model, batches)
+    mgr = manager(policy="recompute")
+    mgr.wrap(model)
+    with pytest.raises(RuntimeError, match="run one step"):
+        mgr.use_plan(None)
+    ours = train(model, batches[:1], mgr)  # the profiling step
+    work = mgr.workload
+    assert work is not None and len(work.blocks) == CFG.n_layer
+    matmuls = {op.index: OpDecision.KEEP for op in work.blocks[1].ops if op.op == "aten.mm.default"}
+    assert matmuls
+    blocks = ([swap_block(work.blocks[0]), checkpoint_block(work.blocks[1], matmuls)]
+              + [keep_block(c) for c in work.blocks[2:]])
+    with pytest.raises(ValueError, match="one BlockPlan per block call"):
+        mgr.use_plan(blocks[:2])
+    plan = mgr.use_plan(blocks)
+    assert plan.policy == "manual" and list(plan.blocks) == blocks and mgr.plan is plan
+    ours += train(model, batches[1:], mgr, first=1)
+    for expected, actual in zip(plain, ours, strict=True):
+        assert_bitwise_equal(expected, actual)
+    assert mgr.stats.engine.bytes_offloaded > 0, "block 0 was swapped"
+    assert mgr.plan is not None and mgr.plan.policy == "manual", "calibration keeps the hand-made plan"
+    assert mgr.use_plan(None).policy == "recompute"
+    mgr.use_plan(blocks)
+    mgr.replan()
+    train(model, batches[:2], mgr)
+    assert mgr.plan is not None and mgr.plan.policy == "recompute"

@@ -11,10 +11,12 @@ from deltaswap.swap.planner import (
     BlockCost,
     BlockMode,
     Workload,
+    checkpoint_block,
     delta_block,
     frontier,
     keep_block,
     make_plan,
+    plan_manual,
     simulate,
     swap_block,
 )
@@ -120,3 +122,35 @@ def test_a_fractional_lookahead_follows_the_bytes_the_plan_passes_through_the_en
     absolute = simulate(base, plans)  # 1200 MB of look-ahead
     fraction = simulate(dataclasses.replace(base, lookahead_fraction=0.25), plans)
     assert fraction.stall_ms > absolute.stall_ms
+
+
+def test_copies_slow_the_kernels_beside_them_by_the_measured_fraction() -> None:
+    """Each swapped byte costs ``copy_slowdown`` of its copy time in each direction, even when hidden."""
+    base = workload(gbps=500.0)
+    plans = [swap_block(base.blocks[0])] + [keep_block(c) for c in base.blocks[1:]]
+    clean = simulate(base, plans)
+    slowed = simulate(dataclasses.replace(base, bandwidth=Bandwidth(500.0, 500.0, 900.0, 0.05)), plans)
+    copy_ms = 300 * MB / (500.0 * 1e6)  # one direction
+    assert slowed.ms - clean.ms == pytest.approx(0.05 * 2 * copy_ms)
+    assert slowed.stall_ms == clean.stall_ms == 0
+
+
+def test_auto_stops_swapping_when_the_slowdown_costs_more_than_recomputing() -> None:
+    """Copies that hide still slow the kernels; when that costs more than recomputing cheap ops, auto
+    recomputes instead of swapping."""
+    fast = workload(gbps=500.0)
+    assert make_plan(fast, "auto", budget=4000 * MB).blocks[0].mode is BlockMode.SWAP
+    costly = dataclasses.replace(fast, bandwidth=Bandwidth(500.0, 500.0, 900.0, copy_slowdown=5.0))
+    plan = make_plan(costly, "auto", budget=4000 * MB)
+    assert all(b.mode is not BlockMode.SWAP for b in plan.blocks)
+    assert plan.predicted_peak <= 4000 * MB
+
+
+def test_a_hand_made_plan_is_predicted_like_any_other_and_must_cover_every_block() -> None:
+    work = workload()
+    blocks = [swap_block(work.blocks[0])] + [checkpoint_block(c, {}) for c in work.blocks[1:]]
+    plan = plan_manual(work, blocks, budget=2000 * MB)
+    assert plan.policy == "manual" and list(plan.blocks) == blocks
+    assert plan.predicted_ms == pytest.approx(simulate(work, blocks).ms)
+    with pytest.raises(ValueError, match="one BlockPlan per block call"):
+        plan_manual(work, blocks[1:], budget=2000 * MB)
