@@ -15,6 +15,12 @@ GPT-style decoder (bf16 autocast, SDPA attention, fused AdamW) under:
   between plain's and sac_matmul's measured peaks, at sac_matmul's, at checkpoint's, and as small as it
   goes (those modes must run first, in the same process).
 
+With ``--grid``, each of ``auto_mid``, ``auto_sac`` and ``auto_ckpt`` is followed by a grid of hand-made
+plans at the same budget (``grid_<budget>_<plan>``): the first 0, 1 or 2 blocks swapped, then per block
+one of keep (K), selective recompute that stores the matmul and attention outputs (C) or full recompute
+(R), as the first M blocks of one kind and the rest of another, with the smallest M predicted to fit.
+The summary compares ``auto`` with the fastest grid plan whose measured peak is within 5% of the budget.
+
 For ``swap_all`` it prints the transfer-bound time ``max(T_fwd, B/BW_d2h) + max(T_bwd, B/BW_h2d) + T_opt``
 (bandwidths measured here, times from the plain run) and the GPU memory still held at the end of the
 forward pass by tensors whose copies had not finished.
@@ -43,7 +49,17 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from deltaswap.swap import ActivationManager, ActivationOffloader, OffloadConfig, SwapConfig
+from deltaswap.swap.planner import (
+    BlockCost,
+    BlockPlan,
+    Workload,
+    checkpoint_block,
+    keep_block,
+    simulate,
+    swap_block,
+)
 from deltaswap.swap.profile import copy_rate, duplex_rate
+from deltaswap.swap.recompute import OpDecision
 
 from gpt import GPT, PRESETS, random_batch
 
@@ -127,6 +143,34 @@ def _auto_budget(mode: str, results: dict[str, Any]) -> int | None:
     if not all(k in peak for k in wanted):
         return None
     return 1 if not wanted else int(sum(peak[k] for k in wanted) / len(wanted))
+
+
+SAC_SAVED_NAMES = {str(op) for op in SAC_SAVED}
+GRID_KINDS = {
+    "K": keep_block,
+    "C": lambda c: checkpoint_block(c, {op.index: OpDecision.KEEP for op in c.ops
+                                        if op.op in SAC_SAVED_NAMES and op.storable and op.out_bytes}),
+    "R": lambda c: checkpoint_block(c, {}),
+}
+
+
+def grid_plans(work: Workload, budget: int) -> dict[str, list[BlockPlan]]:
+    """Hand-made plans for ``budget`` (see the module docstring), by name: ``s1_R3C12`` swaps block 0,
+    recomputes the next 3 fully and the other 12 selectively."""
+    blocks: tuple[BlockCost, ...] = work.blocks
+    out: dict[str, list[BlockPlan]] = {}
+    for swapped in (0, 1, 2):
+        head = [swap_block(c) for c in blocks[:swapped]]
+        rest = blocks[swapped:]
+        for first, then in (("C", "K"), ("R", "K"), ("R", "C")):
+            for m in range(len(rest) + 1):
+                plans = head + [GRID_KINDS[first if i < m else then](c) for i, c in enumerate(rest)]
+                if simulate(work, plans).peak <= budget:
+                    name = f"s{swapped}_{first}{m}{then}{len(rest) - m}"
+                    if plans not in out.values():
+                        out[name] = plans
+                    break
+    return out
 
 
 def _median(xs: list[float]) -> float:
@@ -216,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-bytes", default="1MiB")
     parser.add_argument("--lookahead", default="0.25", help="prefetch_lookahead: a fraction or a size")
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES)
+    parser.add_argument("--grid", action="store_true", help="after each auto_* mode, measure hand-made plans")
+    parser.add_argument("--grid-steps", type=int, default=4, help="timed steps per grid plan")
     parser.add_argument("--plot", default=None, help="write a Pareto plot (step time vs peak) to this PNG")
     parser.add_argument("--profile", default=None, help="write a torch.profiler summary of one step per mode")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON results")
@@ -261,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                                      steps=args.steps, profile=args.profile)
             results[mode]["plan"] = _plan_summary(manager, budget)
             results[mode]["engine"] = asdict(manager.stats.engine)
+            if args.grid and mode in ("auto_mid", "auto_sac", "auto_ckpt"):
+                assert isinstance(budget, int)
+                run_grid(mode, budget, manager, model, optimizer, batch, args.grid_steps, results)
             continue
         if mode == "swap_all":
             offloader = ActivationOffloader(config)
@@ -295,10 +344,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _plan_summary(manager: ActivationManager, budget: int | str) -> dict[str, Any]:
+def run_grid(
+    mode: str,
+    budget: int,
+    manager: ActivationManager,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    steps: int,
+    results: dict[str, Any],
+) -> None:
+    """Measure the hand-made plans of :func:`grid_plans` at ``budget``, right after ``mode``."""
+    work = manager.workload
+    assert work is not None
+    for name, plans in grid_plans(work, budget).items():
+        manager.use_plan(plans)
+        key = f"grid_{mode.removeprefix('auto_')}_{name}"
+        results[key] = run_mode(key, model, optimizer, batch, manager.step, warmup=2, steps=steps)
+        results[key]["plan"] = _plan_summary(manager, budget, show=False)
+        results[key]["engine"] = asdict(manager.stats.engine)
+    manager.use_plan(None)
+
+
+def _plan_summary(manager: ActivationManager, budget: int | str, *, show: bool = True) -> dict[str, Any]:
     plan = manager.plan
     assert plan is not None
-    print(plan)
+    if show:
+        print(plan)
     return {
         "budget_gib": plan.budget / GiB,
         "predicted_peak_gib": plan.predicted_peak / GiB,
@@ -325,13 +397,16 @@ def pareto_plot(results: dict[str, Any], path: str) -> None:
     plain = results["plain"]["step_ms"]
     fig, ax = plt.subplots(figsize=(8, 5))
     for mode, r in results.items():
+        if mode.startswith("grid_"):
+            ax.scatter(r["act_peak_gib"], r["step_ms"] / plain, color="tab:gray", s=8, alpha=0.6)
+            continue
         ours = mode.startswith(("ds_", "auto_", "swap_"))
         ax.scatter(r["act_peak_gib"], r["step_ms"] / plain, color="tab:red" if ours else "tab:blue")
         ax.annotate(mode, (r["act_peak_gib"], r["step_ms"] / plain), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("activation peak (GiB)")
     ax.set_ylabel("step time (x plain)")
-    ax.set_title("deltaswap (red) and torch (blue): step time vs activation memory")
+    ax.set_title("deltaswap (red), torch (blue), hand-made plans (gray): step time vs activation memory")
     ax.set_yscale("log")
     ratio = FuncFormatter(lambda v, _: f"{v:.2f}x")
     ax.yaxis.set_major_formatter(ratio)
@@ -363,6 +438,21 @@ def summarize(results: dict[str, Any], bandwidth: dict[str, float]) -> dict[str,
                   f"{r['fwd_ms'] + r['bwd_ms']:8.1f}{plan['predicted_ms']:9.1f}", end="")
         print()
         summary[f"{mode}_x_plain"] = ratio
+    for mode in ("auto_mid", "auto_sac", "auto_ckpt"):
+        prefix = f"grid_{mode.removeprefix('auto_')}_"
+        if mode not in results or not plain:
+            continue
+        budget = results[mode]["plan"]["budget_gib"]
+        fits = {k: r for k, r in results.items()
+                if k.startswith(prefix) and r["act_peak_gib"] <= budget * 1.05}
+        if not fits:
+            continue
+        best = min(fits, key=lambda k: fits[k]["step_ms"])
+        gap = results[mode]["step_ms"] / fits[best]["step_ms"] - 1
+        summary[f"{mode}_vs_best_grid"] = gap
+        print(f"{mode}: {results[mode]['step_ms'] / plain['step_ms']:.3f} x plain; best of {len(fits)} "
+              f"hand-made plans within 5% of the budget: {best} at "
+              f"{fits[best]['step_ms'] / plain['step_ms']:.3f} x ({gap:+.1%} for auto)")
     if plain and "swap_all" in results:
         eng = results["swap_all"]["engine"]
         d2h_s = eng["bytes_offloaded"] / (bandwidth["pinned_d2h_256MB"] * 1e9) * 1e3
