@@ -67,6 +67,9 @@ class OffloadStep:
         """Keep or swap one saved tensor; ``force`` swaps it even where swapping is switched off."""
         position = self.cursor
         nbytes = tensor.numel() * tensor.element_size()
+        # Free what has been copied out so far, kept tensors or not: a swapped block followed by kept
+        # (or checkpointed) ones must not hold its device bytes until the forward ends.
+        self._reap()
         base = tensor if tensor._base is None else tensor._base
         # Parameters, module buffers, user leaves that require grad, and views of them (``weight.t()``
         # in a linear layer) are held elsewhere anyway: swapping them would move bytes, freeing none.
@@ -77,7 +80,6 @@ class OffloadStep:
         )
         if not (is_activation and self._swappable(tensor, nbytes) and (force or self._swap_enabled())):
             return self._keep(tensor, position, nbytes if is_activation else 0)
-        self._reap()
         storage = tensor.untyped_storage()
         esz = tensor.element_size()
         begin = tensor.storage_offset() * esz
@@ -158,6 +160,7 @@ class OffloadStep:
     # -- stored op outputs (checkpoint_with_policy) -------------------------------------------------
     def keep(self, tensor: torch.Tensor) -> KeptTensor:
         """Hold an op output on its device, counted as activation bytes and backward progress."""
+        self._reap()
         return self._keep(tensor, self.cursor, tensor.numel() * tensor.element_size())
 
     def swap(self, tensor: torch.Tensor) -> Saved:

@@ -460,3 +460,26 @@ def test_swapping_can_be_switched_off_for_a_region() -> None:
         loss = h.sin().sum()  # sin saves h again: swapped now (a new decision per save)
     loss.backward()
     assert off.stats.tensors_kept == 1 and off.stats.tensors_offloaded == 1
+
+
+def test_finished_copies_free_their_device_memory_while_later_tensors_are_kept() -> None:
+    """A swapped region followed by a kept one (a swapped block before checkpointed ones): the swapped
+    bytes are freed during the forward, as soon as their copies finish, not when the forward ends."""
+    lin = nn.Linear(256, 256)
+    off = ActivationOffloader(ALL, backend=SyncCopyBackend())
+    refs: list[StorageWeakRef] = []
+    with off:
+        h = torch.randn(64, 256)
+        for _ in range(3):
+            h = torch.tanh(lin(h))  # swapped
+            refs.append(StorageWeakRef(h.untyped_storage()))
+        h = h * 2  # saves nothing: only the swapped copies refer to the tanh outputs now
+        with off.swapping(False):
+            for _ in range(2):
+                h = torch.tanh(lin(h))  # kept
+        gc.collect()
+        released_in_forward = [r.expired() for r in refs]
+        loss = h.sum()
+    loss.backward()
+    assert off.stats.tensors_offloaded >= 3
+    assert released_in_forward == [True, True, True]
