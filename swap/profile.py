@@ -120,7 +120,8 @@ def copy_slowdown(to_host: tuple[torch.Tensor, torch.Tensor], to_device: tuple[t
     Waits for the device.
     """
     device = to_host[1].device
-    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    # constant values: drawing random ones would move the user's CUDA generator (and their dropout masks)
+    a = torch.full((4096, 4096), 0.5, device=device, dtype=torch.bfloat16)
     out = torch.empty_like(a)
     big = torch.empty(64 << 20, device=device, dtype=torch.bfloat16)
     sink = torch.empty_like(big)
