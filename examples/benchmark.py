@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                                      steps=args.steps, profile=args.profile)
             results[mode]["plan"] = _plan_summary(manager, budget)
             results[mode]["engine"] = asdict(manager.stats.engine)
+            work = manager.workload
+            results[mode]["workload"] = asdict(work) if work is not None else None  # for offline planning
             if args.grid and mode in ("auto_mid", "auto_sac", "auto_ckpt"):
                 assert isinstance(budget, int)
                 run_grid(mode, budget, manager, model, optimizer, batch, args.grid_steps, results)

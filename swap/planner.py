@@ -16,7 +16,9 @@ The model (DESIGN.md, "How the planner decides"):
 ``auto`` starts from keeping everything. For each number of leading blocks to swap (as many as the
 simulation says the backward need not wait for, down to none) it checkpoints the other blocks, storing
 the op outputs with the most compute per byte, always taking the move that frees memory for the least
-time, until the peak fits; the fastest plan that fits wins.
+time, until the peak fits. Then it spends PCIe to buy back recompute: it swaps the inputs of the first
+m checkpointed blocks and lets the blocks store more of their outputs in the memory that frees. The
+fastest plan that fits wins.
 """
 
 from __future__ import annotations
@@ -346,8 +348,9 @@ STALL_TOLERANCE_MS = 0.5
 
 def plan_auto(work: Workload, budget: int) -> Plan:
     """The cheapest mix found for ``budget`` (see the module docstring): for each number of leading
-    blocks to swap (as many as hide their copies, down to none), checkpoint the rest greedily until the
-    peak fits; the fastest plan that fits wins, or else the one with the smallest peak."""
+    blocks to swap (as many as the backward need not wait for, down to none), checkpoint the rest
+    greedily until the peak fits, then trade swapped inputs for stored outputs; the fastest plan that
+    fits wins, or else the one with the smallest peak."""
     keep = [keep_block(c) for c in work.blocks]
     pred = simulate(work, keep)
     if pred.peak <= budget:
@@ -362,6 +365,8 @@ def plan_auto(work: Workload, budget: int) -> Plan:
     for n_swap in range(hidden, -1, -1):
         plans = [swap_block(c) for c in work.blocks[:n_swap]] + keep[n_swap:]
         plans, pred = _checkpoint_until_fits(work, plans, budget)
+        if pred.peak <= budget:
+            plans, pred = _swap_inputs_and_relax(work, plans, pred, budget)
         fits = pred.peak <= budget
         candidate = (not fits, pred.ms if fits else float(pred.peak), plans)
         if best is None or candidate[:2] < best[:2]:
@@ -405,6 +410,67 @@ def _checkpoint_until_fits(
             if trial_pred.peak < pred.peak:
                 plans, pred = trial, trial_pred
     return plans, pred
+
+
+def _swap_inputs_and_relax(
+    work: Workload, plans: list[BlockPlan], pred: Prediction, budget: int
+) -> tuple[list[BlockPlan], Prediction]:
+    """Spend PCIe to buy back recompute: swap the inputs of the first ``m`` checkpointed blocks (``m`` =
+    1, 2, 4, ... all), then let the checkpointed blocks store more (:func:`_relax`) in the memory that
+    frees; the fastest of these and ``plans`` wins."""
+    checkpointed = [k for k, p in enumerate(plans) if p.mode is BlockMode.CHECKPOINT and not p.swap_input]
+    best = (plans, pred)
+    m = 1
+    while checkpointed and m <= len(checkpointed):
+        trial = list(plans)
+        for k in checkpointed[:m]:
+            trial[k] = checkpoint_block(work.blocks[k], trial[k].decisions, swap_input=True)
+        trial, trial_pred = _relax(work, trial, budget)
+        if trial_pred.peak <= budget and trial_pred.ms < best[1].ms:
+            best = (trial, trial_pred)
+        m = len(checkpointed) if m < len(checkpointed) <= 2 * m else 2 * m
+    return best
+
+
+def _relax(work: Workload, plans: list[BlockPlan], budget: int) -> tuple[list[BlockPlan], Prediction]:
+    """Move checkpointed blocks back up their frontiers (store more, recompute less) while the peak
+    fits, always taking the move that saves the most recompute time per byte it adds."""
+    plans = list(plans)
+    pred = simulate(work, plans)
+    fronts: dict[int, list[BlockPlan]] = {}
+    position: dict[int, int] = {}
+    for k, p in enumerate(plans):
+        if p.mode is BlockMode.CHECKPOINT:
+            front = frontier(work.blocks[k], work.min_bytes)
+            j = next((j for j, f in enumerate(front) if f.decisions == p.decisions), None)
+            if j is not None:
+                fronts[k], position[k] = front, j
+    rejected: set[tuple[int, int]] = set()
+    while True:
+        room = budget - pred.peak
+        best: tuple[float, int, int, BlockPlan] | None = None
+        for k, front in fronts.items():
+            current = plans[k]
+            for j in range(position[k] - 1, -1, -1):
+                if (k, j) in rejected:
+                    continue
+                candidate = checkpoint_block(work.blocks[k], front[j].decisions, current.swap_input)
+                added = candidate.kept_bytes - current.kept_bytes
+                saved = current.recompute_ms - candidate.recompute_ms
+                if saved <= 0 or added > room:
+                    continue
+                score = saved / max(added, 1)
+                if best is None or score > best[0]:
+                    best = (score, k, j, candidate)
+        if best is None:
+            return plans, pred
+        _, k, j, candidate = best
+        trial = [*plans[:k], candidate, *plans[k + 1 :]]
+        trial_pred = simulate(work, trial)
+        if trial_pred.peak <= budget:
+            plans, pred, position[k] = trial, trial_pred, j
+        else:
+            rejected.add((k, j))
 
 
 def make_plan(work: Workload, policy: str, budget: int) -> Plan:

@@ -82,3 +82,11 @@ def test_measured_copy_slowdown_is_a_small_fraction() -> None:
     bw = measure_bandwidth()
     assert 0.0 <= bw.copy_slowdown < 0.5
     assert bw.d2h_gbps > 1 and bw.h2d_gbps > 1
+
+
+def test_measuring_the_link_leaves_the_random_generators_alone() -> None:
+    """The bandwidth and slowdown measurement runs inside a training step: drawing random numbers there
+    would change the user's dropout masks from the plain run's."""
+    cuda, cpu = torch.cuda.get_rng_state(), torch.get_rng_state()
+    measure_bandwidth()
+    assert torch.equal(torch.cuda.get_rng_state(), cuda) and torch.equal(torch.get_rng_state(), cpu)

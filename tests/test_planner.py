@@ -154,3 +154,14 @@ def test_a_hand_made_plan_is_predicted_like_any_other_and_must_cover_every_block
     assert plan.predicted_ms == pytest.approx(simulate(work, blocks).ms)
     with pytest.raises(ValueError, match="one BlockPlan per block call"):
         plan_manual(work, blocks[1:], budget=2000 * MB)
+
+
+def test_auto_swaps_checkpointed_inputs_to_buy_back_recompute_when_pcie_hides_them() -> None:
+    """At a small budget, swapping the inputs of checkpointed blocks frees memory the blocks can spend
+    on storing more of their outputs: faster than recomputing with every input kept."""
+    fast = make_plan(dataclasses.replace(workload(gbps=50.0), lookahead=300 * MB), "auto", budget=1500 * MB)
+    slow = make_plan(dataclasses.replace(workload(gbps=0.01), lookahead=300 * MB), "auto", budget=1500 * MB)
+    assert fast.predicted_peak <= 1500 * MB and slow.predicted_peak <= 1500 * MB
+    assert any(b.swap_input for b in fast.blocks)
+    assert not any(b.swap_input or b.mode is BlockMode.SWAP for b in slow.blocks)
+    assert fast.predicted_ms < slow.predicted_ms
