@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointWrapper,
     apply_activation_checkpointing,
     checkpoint_wrapper,
 )
@@ -86,10 +87,18 @@ class ManagerStats:
     """The plan's predicted activation peak (0 before a plan exists)."""
     predicted_ms: float
     """The plan's predicted forward+backward time (0 before a plan exists)."""
+    measured_ms: float = 0.0
+    """Measured time from the start of the forward to the end of the blocks' backward (the step's
+    forward+backward, less the embedding's backward); 0 until that backward has run."""
+    recompute_ops: int = 0
+    """Ops the plan runs again in the backward pass."""
+    recompute_ms: float = 0.0
+    """The plan's predicted time for them."""
 
     def __str__(self) -> str:
-        return (f"ManagerStats(profiling={self.profiling}, forward {self.forward_ms:.1f} ms, predicted "
-                f"step {self.predicted_ms:.1f} ms, predicted peak {format_bytes(self.predicted_peak)})\n"
+        return (f"ManagerStats(profiling={self.profiling}, forward {self.forward_ms:.1f} ms, "
+                f"forward+backward {self.measured_ms:.1f} ms (predicted {self.predicted_ms:.1f} ms), "
+                f"predicted peak {format_bytes(self.predicted_peak)}, {self.recompute_ops} ops recomputed)\n"
                 f"{self.engine}")
 
 
@@ -169,16 +178,33 @@ class ActivationManager:
         self._bandwidth: Bandwidth | None = None
         self._baseline = 0
         self._step_clean = False
+        self._backward_mark: Any = None
+        self._names: list[str] = []
+        self._originals: list[tuple[nn.Module, str, nn.Module]] = []
 
     # -- setup --------------------------------------------------------------------------------------
     def wrap(self, model: nn.Module) -> nn.Module:
         """Find the model's repeated blocks (or ``block_types``) and route their calls through the
         manager. Returns the same model object, modified in place.
 
+        Calling it again with the same model does nothing; :meth:`unwrap` undoes it.
+
         Raises:
-            ValueError: if no blocks are found; the message says how to name them.
+            ValueError: if no blocks are found (the message says how to name them), if the blocks are
+                already wrapped by another manager or by torch's ``checkpoint_wrapper``, or if this
+                manager already wraps another model.
         """
+        if self._model is model:
+            return model
+        if self._model is not None:
+            raise ValueError("this ActivationManager already wraps another model: use one manager per model, "
+                             "or call unwrap() first")
         blocks = find_blocks(model, self.config.block_types)
+        if any(isinstance(b, CheckpointWrapper) for b in blocks):
+            raise ValueError(
+                f"the blocks of {type(model).__name__} are already wrapped (by another ActivationManager or "
+                f"torch's checkpoint_wrapper): call unwrap() on that manager, or remove the wrappers, first"
+            )
         if not blocks:
             raise ValueError(
                 f"deltaswap found no repeated blocks in {type(model).__name__}: no ModuleList or Sequential "
@@ -186,13 +212,36 @@ class ActivationManager:
                 f"SwapConfig(block_types=(YourLayer,))."
             )
         ids = {id(b) for b in blocks}
+        names = {id(m): name for name, m in model.named_modules()}
         apply_activation_checkpointing(
             model,
             checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_fn=self._run_block),
             check_fn=lambda m: id(m) in ids,
         )
+        self._originals = [
+            (parent, child_name, child)
+            for parent in model.modules()
+            for child_name, child in parent.named_children()
+            if isinstance(child, CheckpointWrapper) and id(child._checkpoint_wrapped_module) in ids
+        ]
         self._blocks, self._model = blocks, model
+        self._names = [names[id(b)] for b in blocks]
         return model
+
+    def unwrap(self) -> nn.Module | None:
+        """Put the original blocks back into the model (state-dict keys never changed) and forget it;
+        returns the model (``None`` if nothing was wrapped). Plans stay cached for a later :meth:`wrap`
+        of the same model."""
+        model = self._model
+        for parent, child_name, wrapper in self._originals:
+            setattr(parent, child_name, wrapper._checkpoint_wrapped_module)
+        self._originals, self._model, self._blocks, self._names = [], None, [], []
+        return model
+
+    @property
+    def block_names(self) -> list[str]:
+        """The qualified names of the wrapped blocks in the model, in order (e.g. ``blocks.0``)."""
+        return list(self._names)
 
     def replan(self, config: SwapConfig | None = None) -> None:
         """Forget every plan (optionally switching to a new budget or policy); the next step profiles
@@ -221,6 +270,7 @@ class ActivationManager:
         self._finish_late_profiles()
         self._observe()
         self._call, self._step_plan, self._profile = 0, None, None
+        self._backward_mark = None
         pool_before = self._offloader.pinned_bytes_reserved
         self._step_clean = False
         with self._offloader, self._offloader.swapping(False):
@@ -290,6 +340,9 @@ class ActivationManager:
         """Measured behaviour of the last step and the plan's prediction for it."""
         marks = self._step_marks
         forward_ms = self._elapsed(*marks) if marks is not None else 0.0
+        measured_ms = 0.0
+        if marks is not None and self._backward_mark is not None:
+            measured_ms = self._elapsed(marks[0], self._backward_mark)
         plan = self._step_plan
         return ManagerStats(
             engine=self._offloader.stats,
@@ -297,6 +350,9 @@ class ActivationManager:
             forward_ms=forward_ms,
             predicted_peak=plan.predicted_peak if plan else 0,
             predicted_ms=plan.predicted_ms if plan else 0.0,
+            measured_ms=measured_ms,
+            recompute_ops=plan.recompute_ops if plan else 0,
+            recompute_ms=plan.recompute_ms if plan else 0.0,
         )
 
     # -- the block runner ---------------------------------------------------------------------------
@@ -306,6 +362,9 @@ class ActivationManager:
         call = self._call
         self._call += 1
         if call == 0:
+            first = next((a for a in args if isinstance(a, torch.Tensor) and a.requires_grad), None)
+            if first is not None:  # its gradient arrives when the blocks' backward ends
+                first.register_hook(self._backward_done)
             self._key = _shape_key(args, kwargs)
             self._step_plan = self._plans.get(self._key)
             if self._step_plan is not None:
@@ -328,6 +387,9 @@ class ActivationManager:
                 return checkpoint_with_policy(block, *args, policy=bp.policy(), store=store, fn_kwargs=kwargs)
         with self._offloader.swapping(bp.mode is BlockMode.SWAP):
             return block(*args, **kwargs)
+
+    def _backward_done(self, grad: torch.Tensor) -> None:
+        self._backward_mark = self._mark()
 
     def _profile_block(self, call: int, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         profile = self._profile

@@ -80,6 +80,8 @@ class BlockPlan:
     kept_bytes: int = 0
     swapped_bytes: int = 0
     recompute_ms: float = 0.0
+    recompute_ops: int = 0
+    """Ops of the block run again in the backward (casts aside: they are not counted as ops)."""
 
     def policy(self) -> OpPolicy:
         """The per-op policy for :func:`~deltaswap.swap.recompute.checkpoint_with_policy`."""
@@ -107,6 +109,18 @@ class Plan:
     policy: str
     calibration: dict[str, float] = field(default_factory=dict)
     """The measured quantities the model was fitted with (bandwidth, backward ratio, offsets)."""
+    timeline: tuple[tuple[float, int], ...] = ()
+    """Predicted activation bytes over the step (see :attr:`Prediction.timeline`)."""
+
+    @property
+    def recompute_ops(self) -> int:
+        """Ops the backward pass runs again, over all blocks."""
+        return sum(b.recompute_ops for b in self.blocks)
+
+    @property
+    def recompute_ms(self) -> float:
+        """Predicted time of those ops."""
+        return sum(b.recompute_ms for b in self.blocks)
 
     def __str__(self) -> str:
         head = f"{'block':>5}  {'mode':<10}{'kept':>12}{'swapped':>12}{'recompute ms':>14}"
@@ -176,12 +190,13 @@ def checkpoint_block(cost: BlockCost, stored: dict[int, OpDecision], swap_input:
     by_index = {op.index: op for op in cost.ops}
     kept = sum(by_index[i].out_bytes for i, d in stored.items() if d is OpDecision.KEEP)
     swapped = sum(by_index[i].out_bytes for i, d in stored.items() if d is OpDecision.SWAP)
-    recompute = sum(op.ms for op in cost.ops if op.index not in stored)
+    recomputed = [op for op in cost.ops if op.index not in stored]
     if swap_input:
         swapped += cost.input_bytes
     else:
         kept += cost.input_bytes
-    return BlockPlan(BlockMode.CHECKPOINT, dict(stored), swap_input, kept, swapped, recompute)
+    return BlockPlan(BlockMode.CHECKPOINT, dict(stored), swap_input, kept, swapped,
+                     sum(op.ms for op in recomputed), len(recomputed))
 
 
 def frontier(cost: BlockCost, min_bytes: int) -> list[BlockPlan]:
@@ -212,6 +227,10 @@ class Prediction:
     """Activation bytes held when the forward pass ends."""
     blocks_peak: int = 0
     """Peak during the blocks' backward, before ``peak_offset``."""
+    timeline: tuple[tuple[float, int], ...] = ()
+    """``(ms since the step began, activation bytes)`` at each block's end in the forward, the forward's
+    end, the head's backward, each block's start in the backward and the backward's end (then only the
+    gradients remain)."""
 
 
 def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
@@ -223,18 +242,30 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     t, queue_free = work.other_ms / 2, 0.0
     copy_start, copy_end = [], []
     slowdown = work.bandwidth.copy_slowdown
+    forward_times = []
     for cost, plan in blocks:
         t += cost.forward_ms + slowdown * plan.swapped_bytes / d2h_rate  # kernels slowed by the copy
+        forward_times.append(t)
         begin = max(t, queue_free)
         queue_free = begin + plan.swapped_bytes / d2h_rate
         copy_start.append(begin)
         copy_end.append(queue_free)
     forward_end = t + work.other_ms / 2
+
+    def on_device(k: int, when: float) -> float:
+        """Activation bytes held after block ``k``'s forward, at time ``when``."""
+        held = work.other_bytes / 2 + sum(p.kept_bytes for p in plans[: k + 1])
+        for j in range(k + 1):
+            held += min(plans[j].swapped_bytes, max(0.0, (copy_end[j] - max(copy_start[j], when)) * d2h_rate))
+        return held
+
+    timeline = [(0.0, 0.0)] + [(when, on_device(k, when)) for k, when in enumerate(forward_times)]
     in_flight = [
         min(plan.swapped_bytes, max(0.0, (end - max(begin, forward_end)) * d2h_rate))
         for (_, plan), begin, end in zip(blocks, copy_start, copy_end, strict=True)
     ]
     forward_end_bytes = int(work.other_bytes + sum(plan.kept_bytes for plan in plans) + sum(in_flight))
+    timeline += [(forward_end, forward_end_bytes), (forward_end, forward_end_bytes + work.head_transient)]
     # backward, timing: blocks in reverse. A swapped block's bytes are issued when the backward's progress
     # (bytes of saved tensors consumed, the head's first) is within `lookahead` of them, and must land
     # about when the block needs them (halfway through its backward, on average).
@@ -275,11 +306,15 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         kept_below += plan.kept_bytes
         back = sum(plans[j].swapped_bytes for j, when in issued.items() if j <= k and when <= started[k])
         transient = max(0, cost.saved_bytes - plan.kept_bytes) if plan.mode is BlockMode.CHECKPOINT else 0
-        blocks_peak = max(blocks_peak, work.other_bytes + kept_below + back + transient + grads_above)
+        held = work.other_bytes + kept_below + back + transient + grads_above
+        blocks_peak = max(blocks_peak, held)
+        timeline.append((started[k], held + work.peak_offset))
         grads_above -= cost.grad_bytes
     peak = max(forward_end_bytes + work.head_transient, blocks_peak + work.peak_offset)
+    timeline.append((t, work.other_grad_bytes + sum(c.grad_bytes for c in work.blocks)))
     return Prediction(peak=int(peak), ms=t, stall_ms=stall, forward_ms=forward_end,
-                      forward_end_bytes=forward_end_bytes, blocks_peak=int(blocks_peak))
+                      forward_end_bytes=forward_end_bytes, blocks_peak=int(blocks_peak),
+                      timeline=tuple(sorted((ms, int(b)) for ms, b in timeline)))
 
 
 def profiling_plans(work: Workload) -> list[BlockPlan]:
@@ -300,7 +335,7 @@ def _finish(work: Workload, plans: list[BlockPlan], budget: int, policy: str) ->
         "other_bytes": float(work.other_bytes), "head_transient": float(work.head_transient),
         "peak_offset": float(work.peak_offset), "block_forward_ms": sum(b.forward_ms for b in work.blocks),
     }
-    return Plan(tuple(plans), budget, pred.peak, pred.ms, plain.ms, policy, calibration)
+    return Plan(tuple(plans), budget, pred.peak, pred.ms, plain.ms, policy, calibration, pred.timeline)
 
 
 def plan_fixed(work: Workload, policy: str, budget: int) -> Plan:

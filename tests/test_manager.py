@@ -156,7 +156,7 @@ def test_plan_and_stats_are_printable() -> None:
     train(model, batches, mgr)
     assert "predicted peak" in str(mgr.plan)
     text = str(mgr.stats)
-    assert "predicted step" in text and "bytes_offloaded" in text
+    assert "forward+backward" in text and "predicted" in text and "bytes_offloaded" in text
 
 
 def test_step_before_wrap_is_an_error() -> None:
@@ -284,3 +284,34 @@ def test_a_hand_made_plan_runs_with_bitwise_equal_gradients_until_replan() -> No
     mgr.replan()
     train(model, batches[:2], mgr)
     assert mgr.plan is not None and mgr.plan.policy == "recompute"
+
+
+def test_unwrap_restores_the_blocks_and_wrap_is_idempotent() -> None:
+    model, batches = model_and_batches(2)
+    originals = list(model.blocks)
+    mgr = manager(policy="recompute")
+    assert mgr.wrap(model) is model and mgr.wrap(model) is model  # the second call changes nothing
+    assert mgr.block_names == [f"blocks.{i}" for i in range(CFG.n_layer)]
+    assert all(type(b).__name__ == "CheckpointWrapper" for b in model.blocks)
+    with pytest.raises(ValueError, match="already wrapped"):
+        manager().wrap(model)
+    with pytest.raises(ValueError, match="one manager per model"):
+        mgr.wrap(GPT(CFG))
+    assert mgr.unwrap() is model
+    assert list(model.blocks) == originals and mgr.block_names == []
+    other = manager(policy="recompute")
+    other.wrap(model)  # a fresh manager can wrap it again
+    train(model, batches, other)
+    assert other.plan is not None
+
+
+def test_stats_report_the_measured_step_and_the_recomputed_ops() -> None:
+    model, batches = model_and_batches(2)
+    mgr = manager(policy="recompute")
+    mgr.wrap(model)
+    train(model, batches, mgr)
+    stats, plan = mgr.stats, mgr.plan
+    assert plan is not None and not stats.profiling
+    assert stats.measured_ms > stats.forward_ms > 0, "measured to the end of the blocks' backward"
+    assert stats.recompute_ops == plan.recompute_ops > 0
+    assert stats.recompute_ms == pytest.approx(plan.recompute_ms)

@@ -165,3 +165,15 @@ def test_auto_swaps_checkpointed_inputs_to_buy_back_recompute_when_pcie_hides_th
     assert any(b.swap_input for b in fast.blocks)
     assert not any(b.swap_input or b.mode is BlockMode.SWAP for b in slow.blocks)
     assert fast.predicted_ms < slow.predicted_ms
+
+
+@pytest.mark.parametrize("budget_mb", [10**6, 3500, 1500])
+def test_the_predicted_timeline_reaches_the_peak_and_ends_with_the_step(budget_mb: int) -> None:
+    work = dataclasses.replace(workload(gbps=5.0), head_transient=200 * MB)
+    plan = make_plan(work, "auto", budget=budget_mb * MB)
+    times = [ms for ms, _ in plan.timeline]
+    assert times == sorted(times) and times[0] == 0.0
+    assert times[-1] == pytest.approx(plan.predicted_ms)
+    assert max(b for _, b in plan.timeline) == plan.predicted_peak
+    checkpointed = [b for b in plan.blocks if b.mode is BlockMode.CHECKPOINT]
+    assert plan.recompute_ops == sum(len(block().ops) - len(b.decisions) for b in checkpointed)
