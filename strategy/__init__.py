@@ -1,3 +1,19 @@
-"""Framework adapters (Lightning ``SwapStrategy``, Accelerate ``DeltaSwapPlugin``): thin layers over
-:class:`deltaswap.swap.ActivationManager`. Not written yet; they follow once the planner meets its
-targets (see the README's status)."""
+"""Framework adapters: thin layers over :class:`deltaswap.swap.ActivationManager`.
+
+- :class:`SwapStrategy`: Lightning's single-device strategy with every training forward under the plan.
+  Importing this package registers it as ``Trainer(strategy="deltaswap")``.
+
+Example::
+
+    >>> import deltaswap.strategy
+    >>> from lightning import Trainer
+    >>> trainer = Trainer(strategy="deltaswap", precision="bf16-mixed")     # doctest: +SKIP
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from .lightning import SwapStrategy
+
+SwapStrategy.register_strategies(StrategyRegistry)
+
+__all__ = ["SwapStrategy"]

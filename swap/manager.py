@@ -129,8 +129,10 @@ class ActivationManager:
 
     Args:
         config: budget and policy (:class:`~deltaswap.swap.config.SwapConfig`).
-        backend: the copy backend (default: CUDA when available; without CUDA nothing is swapped and
-            only recompute is planned).
+        backend: the copy backend (default: CUDA on ``device`` when available; without CUDA nothing is
+            swapped and only recompute is planned).
+        device: the device the model trains on (default: the current CUDA device, if any). A CPU device
+            swaps nothing (one warning) and plans only recompute.
 
     Example::
 
@@ -153,11 +155,13 @@ class ActivationManager:
         config: SwapConfig | None = None,
         *,
         backend: CopyBackend | None = None,
+        device: torch.device | str | int | None = None,
         host_memory_available: Callable[[], int] = available_host_bytes,
     ) -> None:
         self.config = config if config is not None else SwapConfig()
         self._offloader = ActivationOffloader(
-            self.config.offload_config(), backend=backend, host_memory_available=host_memory_available
+            self.config.offload_config(), backend=backend, device=device,
+            host_memory_available=host_memory_available,
         )
         self._blocks: list[nn.Module] = []
         self._model: nn.Module | None = None
@@ -237,6 +241,13 @@ class ActivationManager:
             setattr(parent, child_name, wrapper._checkpoint_wrapped_module)
         self._originals, self._model, self._blocks, self._names = [], None, [], []
         return model
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The modules the model now calls for its blocks (torch CheckpointWrapper modules, in order).
+        Hooks on them run once per forward pass, never in a recompute."""
+        wrappers = {id(w._checkpoint_wrapped_module): w for _, _, w in self._originals}
+        return [wrappers[id(b)] for b in self._blocks]
 
     @property
     def block_names(self) -> list[str]:

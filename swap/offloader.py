@@ -36,8 +36,9 @@ class ActivationOffloader:
         config: what to swap and how far ahead to prefetch (:class:`OffloadConfig`).
         modules: if given, only tensors saved while one of these modules runs its forward are swapped
             (the rest are kept but still count as backward progress for prefetching).
-        backend: the copy backend; default :class:`CudaCopyBackend` on the current device. Without CUDA
-            and without a backend, the context warns once and does nothing.
+        backend: the copy backend; default :class:`CudaCopyBackend` on ``device``. Without CUDA (or with
+            a CPU ``device``) and without a backend, the context warns once and does nothing.
+        device: the device whose activations are swapped (default: the current CUDA device, if any).
         host_memory_available: returns the host RAM available now (default: psutil); the pool checks it
             before every growth.
 
@@ -67,11 +68,13 @@ class ActivationOffloader:
         *,
         modules: Iterable[torch.nn.Module] | None = None,
         backend: CopyBackend | None = None,
+        device: torch.device | str | int | None = None,
         host_memory_available: Callable[[], int] = available_host_bytes,
     ) -> None:
         self.config = config if config is not None else OffloadConfig()
         self._modules = list(modules) if modules is not None else None
         self._backend = backend
+        self._device = None if device is None else torch.device(device)
         self._host_memory_available = host_memory_available
         self._pool: PinnedPool | None = None
         self._step: OffloadStep | None = None
@@ -175,13 +178,15 @@ class ActivationOffloader:
 
     # -- internals --------------------------------------------------------------------------------
     def _resolve_backend(self) -> CopyBackend | None:
-        if self._backend is None and torch.cuda.is_available():
-            self._backend = CudaCopyBackend()
+        on_cpu = self._device is not None and self._device.type == "cpu"
+        if self._backend is None and not on_cpu and torch.cuda.is_available():
+            self._backend = CudaCopyBackend(self._device)
         if self._backend is None and not self._warned_no_cuda:
             self._warned_no_cuda = True
+            where = "the model runs on the CPU" if on_cpu else "CUDA is not available"
             warnings.warn(
-                "deltaswap: CUDA is not available, so activations are not swapped; training runs "
-                "unchanged (and gradients are exact) without saving memory.",
+                f"deltaswap: {where}, so activations are not swapped to host memory; training runs "
+                f"unchanged with exact gradients (recompute still applies where a plan asks for it).",
                 RuntimeWarning,
                 stacklevel=3,
             )

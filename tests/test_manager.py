@@ -293,6 +293,7 @@ def test_unwrap_restores_the_blocks_and_wrap_is_idempotent() -> None:
     assert mgr.wrap(model) is model and mgr.wrap(model) is model  # the second call changes nothing
     assert mgr.block_names == [f"blocks.{i}" for i in range(CFG.n_layer)]
     assert all(type(b).__name__ == "CheckpointWrapper" for b in model.blocks)
+    assert mgr.blocks == list(model.blocks)
     with pytest.raises(ValueError, match="already wrapped"):
         manager().wrap(model)
     with pytest.raises(ValueError, match="one manager per model"):
