@@ -2,6 +2,8 @@
 
 - :class:`SwapStrategy`: Lightning's single-device strategy with every training forward under the plan.
   Importing this package registers it as ``Trainer(strategy="deltaswap")``.
+- :class:`DeltaSwapPlugin`: the same beside a 🤗 Accelerate ``Accelerator``:
+  ``model = plugin.prepare(model)``.
 
 Example::
 
@@ -12,8 +14,9 @@ Example::
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from .accelerate import DeltaSwapPlugin
 from .lightning import SwapStrategy
 
 SwapStrategy.register_strategies(StrategyRegistry)
 
-__all__ = ["SwapStrategy"]
+__all__ = ["DeltaSwapPlugin", "SwapStrategy"]

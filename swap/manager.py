@@ -131,8 +131,8 @@ class ActivationManager:
         config: budget and policy (:class:`~deltaswap.swap.config.SwapConfig`).
         backend: the copy backend (default: CUDA on ``device`` when available; without CUDA nothing is
             swapped and only recompute is planned).
-        device: the device the model trains on (default: the current CUDA device, if any). A CPU device
-            swaps nothing (one warning) and plans only recompute.
+        device: the device the model trains on (default: that of the model's first parameter when the
+            first step begins). A CPU device swaps nothing (one warning) and plans only recompute.
 
     Example::
 
@@ -163,6 +163,7 @@ class ActivationManager:
             self.config.offload_config(), backend=backend, device=device,
             host_memory_available=host_memory_available,
         )
+        self._device_given = device is not None or backend is not None
         self._blocks: list[nn.Module] = []
         self._model: nn.Module | None = None
         self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
@@ -243,6 +244,11 @@ class ActivationManager:
         return model
 
     @property
+    def model(self) -> nn.Module | None:
+        """The wrapped model (``None`` before :meth:`wrap` and after :meth:`unwrap`)."""
+        return self._model
+
+    @property
     def blocks(self) -> list[nn.Module]:
         """The modules the model now calls for its blocks (torch CheckpointWrapper modules, in order).
         Hooks on them run once per forward pass, never in a recompute."""
@@ -277,6 +283,10 @@ class ActivationManager:
         after the block, outside it."""
         if self._model is None:
             raise RuntimeError("call ActivationManager.wrap(model) before step()")
+        if not self._device_given and self._offloader.backend is None:
+            param = next(self._model.parameters(), None)
+            if param is not None:
+                self._offloader.set_device(param.device)
         self._finish_profiling()
         self._finish_late_profiles()
         self._observe()

@@ -192,6 +192,16 @@ class ActivationOffloader:
             )
         return self._backend
 
+    def set_device(self, device: torch.device | str | int) -> None:
+        """Choose the device whose activations are swapped, before the first step resolves the backend.
+
+        Raises:
+            RuntimeError: once a backend is in use (the pool and streams belong to its device).
+        """
+        if self._backend is not None:
+            raise RuntimeError("set_device: this offloader already swaps from a device; make a new one")
+        self._device = torch.device(device)
+
     @contextlib.contextmanager
     def swapping(self, enabled: bool) -> Iterator[None]:
         """Switch swapping of saved tensors on or off for a region of the forward pass (overrides

@@ -1,0 +1,99 @@
+"""``DeltaSwapPlugin``: deltaswap beside a 🤗 Accelerate ``Accelerator``, with no change to the loop."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from deltaswap.swap import ActivationManager, ManagerStats, Plan, SwapConfig
+
+
+@dataclass
+class DeltaSwapPlugin(SwapConfig):
+    """Run every training forward of a model under an :class:`~deltaswap.swap.ActivationManager` plan:
+    activations kept, swapped to pinned host memory or recomputed so that they fit ``memory_budget``.
+
+    Use it when a plain PyTorch loop under Accelerate runs out of GPU memory. Accelerate's
+    ``kwargs_handlers`` take only its own classes, so the plugin works beside the ``Accelerator``: its
+    :meth:`prepare` wraps the model's repeated blocks (state-dict keys unchanged) and hooks the model's
+    forward, so nothing else in the loop changes. Call it before or after ``accelerator.prepare``. Forwards
+    in ``eval()`` mode or without gradients are not affected. Gradients are bitwise equal to the loop
+    without it. Its fields are those of :class:`~deltaswap.swap.SwapConfig`, validated the same way.
+
+    Example::
+
+        >>> from accelerate import Accelerator
+        >>> from deltaswap.strategy import DeltaSwapPlugin
+        >>> accelerator = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=4)
+        >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)   # doctest: +SKIP
+        >>> plugin = DeltaSwapPlugin(memory_budget="auto", policy="auto")
+        >>> model = plugin.prepare(model)                                              # doctest: +SKIP
+        >>> for x, y in loader:                                                        # doctest: +SKIP
+        ...     with accelerator.accumulate(model):
+        ...         loss = loss_fn(model(x), y)
+        ...         accelerator.backward(loss)
+        ...         optimizer.step(); optimizer.zero_grad()
+        >>> print(plugin.plan); print(plugin.stats)                                    # doctest: +SKIP
+
+    .. warning::
+        On a CPU (``Accelerator(cpu=True)``) it warns once and trains without swapping
+        (``policy="recompute"`` still recomputes). One model per plugin; a model spread over several
+        processes (DDP, FSDP) is not supported here.
+    """
+
+    _manager: ActivationManager | None = field(default=None, init=False, repr=False, compare=False)
+    _handles: list[RemovableHandle] = field(default_factory=list, init=False, repr=False, compare=False)
+    _open: contextlib.ExitStack | None = field(default=None, init=False, repr=False, compare=False)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Wrap ``model``'s blocks and run its training forwards under the plan; returns the same model.
+
+        Raises:
+            ValueError: if the model has no repeated blocks (name them with ``block_types``), or if this
+                plugin already prepared another model.
+        """
+        if self._manager is not None:
+            if model is self._manager.model:
+                return model
+            raise ValueError("this DeltaSwapPlugin already prepared another model: use one plugin per model")
+        manager = ActivationManager(SwapConfig(**{f.name: getattr(self, f.name) for f in fields(SwapConfig)}))
+        manager.wrap(model)
+        self._manager = manager
+        self._handles = [
+            model.register_forward_pre_hook(self._begin),
+            model.register_forward_hook(self._end, always_call=True),
+        ]
+        return model
+
+    def _begin(self, module: nn.Module, args: Any) -> None:
+        if self._open is None and module.training and torch.is_grad_enabled():
+            assert self._manager is not None
+            stack = contextlib.ExitStack()
+            stack.enter_context(self._manager.step())
+            self._open = stack
+
+    def _end(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._open is not None:
+            stack, self._open = self._open, None
+            stack.close()
+
+    @property
+    def manager(self) -> ActivationManager | None:
+        """The :class:`~deltaswap.swap.ActivationManager` (``None`` before :meth:`prepare`)."""
+        return self._manager
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan of the last input shape (``None`` until the first training forward has run)."""
+        return self._manager.plan if self._manager is not None else None
+
+    @property
+    def stats(self) -> ManagerStats | None:
+        """Measured behaviour of the last training step and the plan's prediction for it."""
+        return self._manager.stats if self._manager is not None else None
+
