@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from deltaswap.swap.planner import BlockCost, Workload
+from deltaswap.swap.profile import Bandwidth, OpRecord
 from deltaswap.swap.recompute import OpDecision, OpPolicy
 
 from gpt import GPT, GPTConfig, random_batch
@@ -56,3 +58,27 @@ POLICIES: dict[str, OpPolicy] = {
     "keep_matmuls": keep_matmuls,
     "mixed": alternate,
 }
+
+
+# A synthetic measured workload for the planner and the plan table, in decimal megabytes.
+MB = 10**6
+
+
+def synthetic_block(saved_mb: int = 300) -> BlockCost:
+    """A transformer-like block: 50 MB input, ``saved_mb`` MB saved when run plainly, 2.4 ms of ops."""
+    ops = (
+        OpRecord(0, "aten.native_layer_norm.default", 50 * MB, 0.10, True),
+        OpRecord(1, "aten._to_copy.default", 25 * MB, 0.05, True),
+        OpRecord(2, "aten.mm.default", 100 * MB, 1.00, True),
+        OpRecord(3, "aten.view.default", 0, 0.0, False),
+        OpRecord(4, "aten.gelu.default", 100 * MB, 0.20, True),
+        OpRecord(5, "aten.mm.default", 25 * MB, 1.00, True),
+        OpRecord(6, "aten.add.Tensor", 50 * MB, 0.05, True),
+    )
+    return BlockCost(ops=ops, input_bytes=50 * MB, saved_bytes=saved_mb * MB)
+
+
+def synthetic_workload(gbps: float = 50.0, n: int = 16) -> Workload:
+    """``n`` synthetic blocks, 100 MB saved outside them, PCIe at ``gbps`` each way, 1200 MB look-ahead."""
+    return Workload(blocks=(synthetic_block(),) * n, other_bytes=100 * MB, other_ms=2.0,
+                    bandwidth=Bandwidth(gbps, gbps, 1.8 * gbps), min_bytes=MB, lookahead=1200 * MB)

@@ -8,9 +8,7 @@ import dataclasses
 import pytest
 
 from deltaswap.swap.planner import (
-    BlockCost,
     BlockMode,
-    Workload,
     checkpoint_block,
     delta_block,
     frontier,
@@ -20,28 +18,12 @@ from deltaswap.swap.planner import (
     simulate,
     swap_block,
 )
-from deltaswap.swap.profile import Bandwidth, OpRecord
+from deltaswap.swap.profile import Bandwidth
 from deltaswap.swap.recompute import OpDecision
 
-MB = 10**6
-
-
-def block() -> BlockCost:
-    ops = (
-        OpRecord(0, "aten.native_layer_norm.default", 50 * MB, 0.10, True),
-        OpRecord(1, "aten._to_copy.default", 25 * MB, 0.05, True),
-        OpRecord(2, "aten.mm.default", 100 * MB, 1.00, True),
-        OpRecord(3, "aten.view.default", 0, 0.0, False),
-        OpRecord(4, "aten.gelu.default", 100 * MB, 0.20, True),
-        OpRecord(5, "aten.mm.default", 25 * MB, 1.00, True),
-        OpRecord(6, "aten.add.Tensor", 50 * MB, 0.05, True),
-    )
-    return BlockCost(ops=ops, input_bytes=50 * MB, saved_bytes=300 * MB)
-
-
-def workload(gbps: float = 50.0, n: int = 16) -> Workload:
-    return Workload(blocks=(block(),) * n, other_bytes=100 * MB, other_ms=2.0,
-                    bandwidth=Bandwidth(gbps, gbps, 1.8 * gbps), min_bytes=MB, lookahead=1200 * MB)
+from helpers import MB
+from helpers import synthetic_block as block
+from helpers import synthetic_workload as workload
 
 
 def test_keep_predicts_the_plain_peak_and_time() -> None:
