@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from deltaswap.strategy import SwapStrategy
 from deltaswap.swap import Plan, format_bytes
+from deltaswap.swap.config import format_budget
 from deltaswap.swap.manager import PLAN_CACHE_SIZE
 from deltaswap.swap.planner import BlockMode, BlockPlan, Workload
 
@@ -21,9 +22,6 @@ COLUMNS = ("", "Name", "Mode", "Kept", "Swapped", "Recomputed", "Recompute ms")
 plan's predicted recompute time."""
 
 
-NO_LIMIT = 1 << 60
-"""Budgets from this size up print as ``no limit`` (on a CPU without a given budget the manager plans
-with an effectively infinite one)."""
 
 
 def block_mode(block: BlockPlan) -> str:
@@ -95,7 +93,7 @@ def format_plan(plan: Plan, names: Sequence[str], workload: Workload | None) -> 
     footer = [
         (plan.policy, "Policy"),
         (str(plan.recompute_ops), "Ops recomputed per step"),
-        ("no limit" if plan.budget >= NO_LIMIT else format_bytes(plan.budget), "Budget"),
+        (format_budget(plan.budget), "Budget"),
         (format_bytes(plan.predicted_peak), "Predicted activation peak"),
         (f"{plan.predicted_ms:.1f} ms", "Predicted forward+backward"),
         (ratio, "Predicted time / keeping everything"),
@@ -114,9 +112,9 @@ class SwapPlanSummary(Callback):
 
     Use it to see what deltaswap decided for your model and budget. The first training step of an input
     shape profiles the model; the table is printed (through ``rank_zero_info``) at the end of the first
-    training batch after which a plan exists, and again at the end of each batch whose plan is not one of
-    the last eight it printed in this fit: a new input shape, or the one re-plan after the first planned
-    step when its measured forward time differs from the prediction. The text comes from
+    training batch after which a plan exists, and again at the end of each batch whose plan decides
+    differently from the last eight it printed in this fit (a new input shape, or a re-plan after the
+    first planned step that changed the decisions, not only the predictions). The text comes from
     :func:`format_plan`.
 
     Example::
@@ -135,7 +133,7 @@ class SwapPlanSummary(Callback):
 
     def __init__(self) -> None:
         self._strategy: SwapStrategy | None = None
-        self._printed: deque[Plan] = deque(maxlen=PLAN_CACHE_SIZE)
+        self._printed: deque[tuple[Any, ...]] = deque(maxlen=PLAN_CACHE_SIZE)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -155,9 +153,12 @@ class SwapPlanSummary(Callback):
         if strategy is None or strategy.manager is None:
             return
         plan = strategy.plan
-        if plan is None or any(plan == printed for printed in self._printed):
+        if plan is None:
             return
-        self._printed.append(plan)
+        decisions = (plan.blocks, plan.budget, plan.policy)
+        if decisions in self._printed:
+            return
+        self._printed.append(decisions)
         manager = strategy.manager
         rank_zero_info("deltaswap plan:\n" + format_plan(plan, manager.block_names, manager.workload))
 

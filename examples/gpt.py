@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -30,6 +31,11 @@ class GPTConfig:
     """Width of the residual stream."""
     dropout: float = 0.0
     """Dropout on embeddings, attention and residual branches."""
+    loss_chunk: int = 0
+    """Positions (of the flattened batch x sequence) per chunk of the loss; 0: one unchunked loss. When
+    > 0, ``forward(idx, targets)`` runs ``ln_f`` -> ``lm_head`` -> fp32 logits -> cross-entropy one chunk
+    at a time under torch's checkpoint, so only one chunk's logits (``loss_chunk x vocab_size``) are ever
+    held, in the forward and in the backward pass, whatever the batch size. The loss is the same mean."""
 
 
 PRESETS: dict[str, GPTConfig] = {
@@ -89,7 +95,8 @@ class GPT(nn.Module):
     """A decoder-only transformer. ``forward(idx, targets)`` returns the mean cross-entropy loss, or the
     logits when ``targets`` is ``None``. ``block_runner(block, x)``, if set, runs each block instead of
     ``block(x)``: e.g. torch's ``checkpoint(block, x, use_reentrant=False)`` for per-block
-    checkpointing."""
+    checkpointing. With ``cfg.loss_chunk > 0`` the loss is computed in checkpointed chunks (see
+    :attr:`GPTConfig.loss_chunk`)."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -115,10 +122,34 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x) if self.block_runner is None else self.block_runner(block, x)
+        if targets is not None and self.cfg.loss_chunk > 0:
+            return self.chunked_loss(x, targets)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def chunked_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of the head on ``x`` (the last block's output, ``B x T x C``), computed
+        over chunks of ``cfg.loss_chunk`` positions of the flattened batch.
+
+        Each chunk's ``ln_f`` -> ``lm_head`` -> fp32 logits -> summed cross-entropy runs under
+        ``checkpoint(..., use_reentrant=False)``: the forward pass keeps only the chunk's input, and the
+        backward pass recomputes one chunk's logits at a time. The sum of the chunks' summed losses
+        divided by the number of targets is the unchunked mean, up to the order of the additions.
+        """
+        # split (not slicing in a loop): its backward concatenates the chunks' gradients once, where
+        # each slice's backward would write a zero-filled gradient of the whole of x
+        rows = x.reshape(-1, x.shape[-1]).split(self.cfg.loss_chunk)
+        labels = targets.reshape(-1).split(self.cfg.loss_chunk)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for chunk, chunk_targets in zip(rows, labels, strict=True):
+            total = total + checkpoint(self._head_loss_sum, chunk, chunk_targets, use_reentrant=False)
+        return total / targets.numel()
+
+    def _head_loss_sum(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def random_batch(

@@ -122,6 +122,35 @@ class OffloadConfig:
 
 POLICIES = ("auto", "delta", "swap", "recompute", "keep")
 
+UNLIMITED = 1 << 62
+"""The budget planned with where there is no device memory to fit (a CPU run without a given size)."""
+
+
+def format_budget(budget: int) -> str:
+    """A budget for people: its size, or ``no limit`` for :data:`UNLIMITED`."""
+    return "no limit" if budget >= UNLIMITED else format_bytes(budget)
+
+
+def memory_budget_from_text(text: str) -> int | float | str:
+    """A ``memory_budget`` from a command line: ``auto``, a byte count (``8589934592``), a size
+    (``12GiB``) or a fraction of device memory (``0.6``), checked as :class:`SwapConfig` checks it.
+
+    Example::
+
+        >>> memory_budget_from_text("0.6"), memory_budget_from_text("12GiB")
+        (0.6, '12GiB')
+
+    Raises:
+        ValueError: with what to write instead.
+    """
+    value: int | float | str = text
+    if text.isdigit():
+        value = int(text)
+    elif text.replace(".", "", 1).isdigit():
+        value = float(text)
+    SwapConfig(memory_budget=value)
+    return value
+
 
 @dataclass
 class SwapConfig:

@@ -27,7 +27,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 
 from .backend import CopyBackend, CudaCopyBackend
-from .config import SwapConfig, format_bytes
+from .config import UNLIMITED, SwapConfig, format_bytes
 from .offloader import ActivationOffloader
 from .planner import (
     BlockCost,
@@ -585,7 +585,7 @@ class ActivationManager:
         if isinstance(budget, int):
             return budget
         if not self._on_cuda():
-            return 1 << 62  # no device memory to fit: keep everything unless a size was given
+            return UNLIMITED  # no device memory to fit: keep everything unless a size was given
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         if isinstance(budget, float):
             return int(budget * total)

@@ -27,7 +27,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from .config import format_bytes
+from .config import format_budget, format_bytes
 from .profile import Bandwidth, OpRecord
 from .recompute import OpDecision, OpPolicy
 
@@ -134,7 +134,7 @@ class Plan:
         rows.append("-" * len(head))
         rows.append(f"{'total':>5}  {'':<10}{format_bytes(kept):>12}{format_bytes(swapped):>12}"
                     f"{sum(b.recompute_ms for b in self.blocks):>14.2f}")
-        rows.append(f"policy {self.policy}; budget {format_bytes(self.budget)}; predicted peak "
+        rows.append(f"policy {self.policy}; budget {format_budget(self.budget)}; predicted peak "
                     f"{format_bytes(self.predicted_peak)}; predicted step {self.predicted_ms:.1f} ms "
                     f"({self.predicted_ms / max(self.plain_ms, 1e-9):.3f} x keeping everything)")
         return "\n".join(rows)

@@ -26,6 +26,7 @@ from deltaswap.callbacks import MemoryTimeline, SwapMonitor, SwapPlanSummary, fo
 from deltaswap.callbacks.monitor import KEYS
 from deltaswap.strategy import SwapStrategy
 from deltaswap.swap import Plan, format_bytes
+from deltaswap.swap.config import UNLIMITED
 from deltaswap.swap.planner import (
     checkpoint_block,
     keep_block,
@@ -241,7 +242,7 @@ def test_format_plan_of_an_auto_plan_has_one_row_per_block_call() -> None:
 
 def test_format_plan_without_workload_or_names_shows_dashes() -> None:
     work = workload(n=2)
-    plan = plan_manual(work, [checkpoint_block(c, {}) for c in work.blocks], budget=1 << 62)
+    plan = plan_manual(work, [checkpoint_block(c, {}) for c in work.blocks], budget=UNLIMITED)
     text = format_plan(plan, ["only.one"], None)
     rows = table_rows(text)
     assert [r[1] for r in rows] == ["only.one", "-"]
