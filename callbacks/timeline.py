@@ -24,10 +24,11 @@ NEEDS_MATPLOTLIB = "MemoryTimeline needs matplotlib: pip install 'deltaswap[plot
 
 
 def plot_timeline(measured: Sequence[tuple[float, int]], predicted: Sequence[tuple[float, int]],
-                  path: str | os.PathLike[str], title: str) -> Path:
+                  path: str | os.PathLike[str], title: str, measured_peak: int | None = None) -> Path:
     """Plot measured and predicted activation memory over a step into a PNG file; returns its path.
 
-    Each point is ``(ms since the step began, bytes)``. The folder is created if needed. Uses
+    Each point is ``(ms since the step began, bytes)``; ``measured_peak`` (bytes), if given, is drawn as
+    a horizontal line. The folder is created if needed. Uses
     matplotlib's object-oriented API only (no ``pyplot``), so the global backend is left alone.
 
     Example::
@@ -50,6 +51,8 @@ def plot_timeline(measured: Sequence[tuple[float, int]], predicted: Sequence[tup
     for points, style, label in ((predicted, "--", "predicted (plan)"), (measured, "o-", "measured")):
         if points:
             ax.plot([ms for ms, _ in points], [b / GIB for _, b in points], style, label=label, markersize=4)
+    if measured_peak is not None:
+        ax.axhline(measured_peak / GIB, color="tab:red", linestyle=":", label="measured peak")
     ax.set_xlabel("ms since the step began")
     ax.set_ylabel("activation memory (GiB)")
     ax.set_title(title)
@@ -77,6 +80,8 @@ class _Recording:
         self.device = device
         self.step = step
         self.baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        self.peak: int | None = None
         self.start = self._event()
         self.marks: list[tuple[torch.cuda.Event, int]] = []
         self.handles: list[RemovableHandle] = [b.register_forward_hook(self._block_end) for b in blocks]
@@ -98,6 +103,10 @@ class _Recording:
     def _backward_start(self, grad: torch.Tensor) -> None:
         self._mark()
 
+    def backward_done(self) -> None:
+        """The step's backward is over: its peak, before the optimizer's temporaries."""
+        self.peak = torch.cuda.max_memory_allocated(self.device) - self.baseline
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
@@ -107,6 +116,8 @@ class _Recording:
         """Remove the hooks, wait for the device and return ``(ms since the start, bytes)`` in time
         order."""
         self.remove()
+        if self.peak is None:
+            self.backward_done()
         torch.cuda.synchronize(self.device)
         return sorted((self.start.elapsed_time(event), nbytes) for event, nbytes in self.marks)
 
@@ -144,9 +155,10 @@ class MemoryTimeline(Callback):
     .. warning::
         The memory is measured against what was allocated when the batch started, which includes the
         previous step's gradients: Lightning frees those (``zero_grad``) before the backward pass, so the
-        measured backward runs below the prediction by up to the gradients' size. The forward pass is
-        never synchronized (events and the allocator's counters only); the recorded step waits for the
-        device once, at its end.
+        measured backward runs below the prediction by up to the gradients' size. The recorded step
+        resets CUDA's peak-memory counter when its batch starts (to measure the step's peak). The forward
+        pass is never synchronized (events and the allocator's counters only); the recorded step waits
+        for the device once, at its end.
 
     .. warning::
         Needs matplotlib (``pip install 'deltaswap[plot]'``). On a CPU, or with any other strategy than
@@ -172,6 +184,8 @@ class MemoryTimeline(Callback):
         each block's end in the forward pass, then each block's start in the backward pass."""
         self.predicted: list[tuple[float, int]] = []
         """The plan's ``timeline`` for the recorded step."""
+        self.measured_peak: int | None = None
+        """The recorded step's peak over the batch's start, measured through its backward pass."""
         self.recorded_step: int | None = None
         """The global step that was recorded (``None`` until one was)."""
         self.path: Path | None = None
@@ -203,6 +217,11 @@ class MemoryTimeline(Callback):
         self._recording = _Recording(strategy.root_device, strategy.manager.blocks, trainer.global_step)
 
     @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._recording is not None:
+            self._recording.backward_done()
+
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         recording, strategy = self._recording, self._strategy
@@ -214,11 +233,13 @@ class MemoryTimeline(Callback):
         if stats is None or stats.profiling or plan is None or not points:
             return  # a new input shape was profiled here: try the next step
         self.measured, self.predicted = points, list(plan.timeline)
+        self.measured_peak = recording.peak
         self.recorded_step = recording.step
         folder = self.dirpath or trainer.log_dir or trainer.default_root_dir
         title = (f"deltaswap activation memory, step {recording.step} (policy {plan.policy}, budget "
                  f"{format_bytes(plan.budget)}, predicted peak {format_bytes(plan.predicted_peak)})")
-        self.path = plot_timeline([(0.0, 0), *points], self.predicted, Path(folder) / self.filename, title)
+        self.path = plot_timeline([(0.0, 0), *points], self.predicted, Path(folder) / self.filename, title,
+                                  measured_peak=recording.peak)
         self._strategy = None  # done
         rank_zero_info(f"MemoryTimeline: step {recording.step} written to {self.path}")
 

@@ -42,7 +42,7 @@ from .planner import (
 )
 from .pool import available_host_bytes
 from .profile import Bandwidth, OpProfiler, measure_bandwidth
-from .recompute import LocalStore, OpDecision, _Frame, _RecordingMode, checkpoint_with_policy
+from .recompute import LocalStore, OpDecision, _Frame, _RecordingMode, checkpoint_all, checkpoint_with_policy
 from .stats import OffloadStats
 
 PLAN_CACHE_SIZE = 8
@@ -399,12 +399,12 @@ class ActivationManager:
             return self._profile_block(call, block, *args, **kwargs)
         if call >= len(plan.blocks):  # more block calls than when this shape was profiled: least memory
             with self._offloader.swapping(False):
-                return checkpoint_with_policy(
-                    block, *args, policy=_recompute_all, store=store, fn_kwargs=kwargs
-                )
+                return checkpoint_all(block, *args, fn_kwargs=kwargs)
         bp = plan.blocks[call]
         if bp.mode is BlockMode.CHECKPOINT:
             with self._offloader.swapping(bp.swap_input):
+                if not bp.decisions:  # nothing stored: torch's checkpoint alone, no per-op Python
+                    return checkpoint_all(block, *args, fn_kwargs=kwargs)
                 return checkpoint_with_policy(block, *args, policy=bp.policy(), store=store, fn_kwargs=kwargs)
         with self._offloader.swapping(bp.mode is BlockMode.SWAP):
             return block(*args, **kwargs)

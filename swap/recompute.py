@@ -254,17 +254,30 @@ def checkpoint_with_policy(
         op at the same position raises an error rather than returning a wrong value.
     """
     frame = _Frame(policy, store if store is not None else LocalStore(), profiler)
+    call, flat = _positional(fn, args, fn_kwargs)
+    return checkpoint(
+        call, *flat, use_reentrant=False, context_fn=lambda: (_RecordingMode(frame), _ReplayingMode(frame))
+    )
+
+
+def checkpoint_all(fn: Callable[..., Any], *args: Any, fn_kwargs: dict[str, Any] | None = None) -> Any:
+    """Run ``fn(*args, **fn_kwargs)`` under torch's non-reentrant checkpointing, recomputing everything:
+    what :func:`checkpoint_with_policy` does with a policy that recomputes every op, without running
+    Python for every op (no dispatch modes), so with less host time."""
+    call, flat = _positional(fn, args, fn_kwargs)
+    return checkpoint(call, *flat, use_reentrant=False)
+
+
+def _positional(
+    fn: Callable[..., Any], args: tuple[Any, ...], fn_kwargs: dict[str, Any] | None
+) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """``fn`` taking its keyword arguments positionally after ``args``, and all the arguments: torch's
+    checkpoint then handles the keyword arguments' tensors (devices, RNG state) like the others."""
     names = list(fn_kwargs or {})
-    values = [fn_kwargs[name] for name in names] if fn_kwargs else []
+    values = tuple(fn_kwargs[name] for name in names) if fn_kwargs else ()
     n_args = len(args)
 
     def call(*flat: Any) -> Any:
         return fn(*flat[:n_args], **dict(zip(names, flat[n_args:], strict=True)))
 
-    return checkpoint(
-        call,
-        *args,
-        *values,
-        use_reentrant=False,
-        context_fn=lambda: (_RecordingMode(frame), _ReplayingMode(frame)),
-    )
+    return call, (*args, *values)

@@ -39,7 +39,8 @@ def train(
         with accelerator.accumulate(model):
             loss = model(x, y)
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 0.5)
+            if accelerator.sync_gradients:  # clipping unscales fp16 gradients: once per optimizer step
+                accelerator.clip_grad_norm_(model.parameters(), 0.5)
             optimizer.step()
             optimizer.zero_grad()
     return [p.detach().clone() for p in model.parameters()], model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from deltaswap.swap import ActivationOffloader, OffloadConfig, SyncCopyBackend
 from deltaswap.swap.profile import OpProfiler
-from deltaswap.swap.recompute import OpDecision, checkpoint_with_policy
+from deltaswap.swap.recompute import OpDecision, checkpoint_all, checkpoint_with_policy
 
 from gpt import GPT, GPTConfig, random_batch
 from helpers import MATMULS, POLICIES, assert_bitwise_equal, keep_all, keep_matmuls, recompute_all, swap_all
@@ -294,7 +295,7 @@ def test_keyword_arguments_reach_the_block_and_their_gradients_flow() -> None:
     scale = torch.randn(16, requires_grad=True)
     block(x, debug=scale, policy=0.5).sum().backward()
     plain = [x.grad.clone(), scale.grad.clone()]
-    x.grad = scale.grad = None
-    out = checkpoint_with_policy(block, x, policy=keep_matmuls, fn_kwargs={"debug": scale, "policy": 0.5})
-    out.sum().backward()
-    assert_bitwise_equal(plain, [x.grad, scale.grad])
+    for run in (partial(checkpoint_with_policy, policy=keep_matmuls), checkpoint_all):
+        x.grad = scale.grad = None
+        run(block, x, fn_kwargs={"debug": scale, "policy": 0.5}).sum().backward()
+        assert_bitwise_equal(plain, [x.grad, scale.grad])
