@@ -55,8 +55,9 @@ def test_memory_timeline_records_a_planned_step_against_the_prediction(tmp_path:
     predicted_peak = max(nbytes for _, nbytes in timeline.predicted)
     assert timeline.measured_peak is not None
     assert max(nbytes for _, nbytes in timeline.measured) <= timeline.measured_peak
-    assert 0.5 * predicted_peak <= timeline.measured_peak <= 2 * predicted_peak, (
-        timeline.measured_peak, predicted_peak)
+    # The plan may over-predict a model this small (one-time workspace allocations of the profiling step
+    # land in its calibration), but the measured peak must not pass the prediction.
+    assert 0 < timeline.measured_peak <= 1.1 * predicted_peak, (timeline.measured_peak, predicted_peak)
 
 
 def test_memory_timeline_skips_the_profiling_step_and_writes_to_the_log_dir(tmp_path: Path) -> None:
