@@ -36,6 +36,7 @@ from .planner import (
     Plan,
     Workload,
     make_plan,
+    plan_first,
     plan_manual,
     profiling_plans,
     simulate,
@@ -511,10 +512,12 @@ class ActivationManager:
     def _store_plan(self, key: tuple[Any, ...], work: Workload, *, warn: bool = True) -> None:
         manual = self._manual.get(key)
         budget = self._budget()
-        if manual is None:
-            plan = make_plan(work, self.config.policy, budget)
-        else:
+        if manual is not None:
             plan = plan_manual(work, manual, budget)
+        elif self.config.policy == "auto" and key not in self._observed:
+            plan = plan_first(work, budget)  # no step has measured the forward's speed yet
+        else:
+            plan = make_plan(work, self.config.policy, budget)
         self._calibrated[key] = work
         if warn and plan.predicted_peak > plan.budget:
             warnings.warn(
@@ -562,8 +565,9 @@ class ActivationManager:
         return work
 
     def _observe(self) -> None:
-        """After the first step that ran a plan, compare its forward time with the prediction and, if
-        they differ by more than 5%, rescale the measured op times and plan once more."""
+        """After the first step that ran a plan, compare its forward time with the prediction, rescale
+        the measured op times if they differ by more than 5%, and plan once more (the first plan was
+        made before any step measured the forward's speed: see :func:`~deltaswap.swap.planner.plan_first`)."""
         plan, marks, key = self._step_plan, self._step_marks, self._key
         if (plan is None or marks is None or not self._step_clean or key in self._observed
                 or key not in self._works):
@@ -574,11 +578,11 @@ class ActivationManager:
         current = self._calibrate(work, profile, times, 1.0)
         predicted = simulate(current, plan.blocks).forward_ms
         measured = self._elapsed(*marks)
-        if predicted > 0 and abs(measured / predicted - 1) > 0.05:
-            block_ms = sum(b.forward_ms for b in work.blocks)
-            # scale the blocks' ops so the whole forward matches (the time outside blocks scales too)
-            scale = measured / predicted if block_ms > 0 else 1.0
-            self._store_plan(key, self._calibrate(work, profile, times, scale), warn=False)
+        scale = 1.0
+        has_ops = sum(b.forward_ms for b in work.blocks) > 0
+        if predicted > 0 and abs(measured / predicted - 1) > 0.05 and has_ops:
+            scale = measured / predicted  # the blocks' ops scale so the whole forward matches
+        self._store_plan(key, self._calibrate(work, profile, times, scale), warn=False)
 
     def _budget(self) -> int:
         budget = self.config.memory_budget

@@ -508,6 +508,28 @@ def _relax(work: Workload, plans: list[BlockPlan], budget: int) -> tuple[list[Bl
             rejected.add((k, j))
 
 
+UNMEASURED_SPEED = 0.25
+"""Before a planned step has measured the forward pass, it may run this much faster than profiled."""
+
+
+def plan_first(work: Workload, budget: int) -> Plan:
+    """``auto``'s plan for the first step after profiling, before any step has measured how fast the
+    forward pass really runs.
+
+    The profiling step times every op, and with every block in the dispatch modes it runs slower than
+    the plan will: a forward measured too slow makes a swap look hidden when its copy would still be in
+    flight (on the GPU) when the forward ends. So this plan recomputes rather than swaps; only if
+    nothing fits without swapping does it swap, as if the forward ran :data:`UNMEASURED_SPEED` times its
+    profiled time. The step that runs it measures the forward, and :func:`plan_auto` takes over.
+    """
+    no_pcie = replace(work, bandwidth=replace(work.bandwidth, d2h_gbps=1e-6, h2d_gbps=1e-6))
+    plan = plan_auto(no_pcie, budget)
+    if plan.predicted_peak <= budget:
+        return _finish(work, list(plan.blocks), budget, "auto")
+    guarded = plan_auto(work.scaled(UNMEASURED_SPEED), budget)
+    return _finish(work, list(guarded.blocks), budget, "auto")
+
+
 def make_plan(work: Workload, policy: str, budget: int) -> Plan:
     """The plan for ``policy`` (one of :data:`~deltaswap.swap.config.POLICIES`) under ``budget`` bytes."""
     if policy == "auto":
@@ -527,6 +549,7 @@ __all__ = [
     "frontier",
     "keep_block",
     "make_plan",
+    "plan_first",
     "plan_manual",
     "profiling_plans",
     "simulate",

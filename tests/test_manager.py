@@ -316,3 +316,24 @@ def test_stats_report_the_measured_step_and_the_recomputed_ops() -> None:
     assert stats.measured_ms > stats.forward_ms > 0, "measured to the end of the blocks' backward"
     assert stats.recompute_ops == plan.recompute_ops > 0
     assert stats.recompute_ms == pytest.approx(plan.recompute_ms)
+
+
+def test_swaps_wait_until_a_planned_step_has_measured_the_forward() -> None:
+    """The first plan after profiling recomputes instead of swapping (profiled op times are slow, and
+    a copy that looks hidden might still be in flight when the forward ends); once a planned step has
+    measured the forward, auto swaps where it hides."""
+    model, batches = model_and_batches(4)
+    probe = manager(policy="keep")
+    probe.wrap(model)
+    train(model, batches[:2], probe)
+    assert probe.plan is not None
+    budget = probe.plan.predicted_peak * 8 // 10
+    probe.unwrap()
+    mgr = manager(policy="auto", memory_budget=budget, bandwidth_gbps=1e6)
+    mgr.wrap(model)
+    train(model, batches[:1], mgr)  # profiling
+    first = mgr.plan
+    assert first is not None and BlockMode.SWAP not in {b.mode for b in first.blocks}
+    train(model, batches[1:3], mgr)  # the first planned step measures the forward; the next runs the plan
+    assert mgr.plan is not None and BlockMode.SWAP in {b.mode for b in mgr.plan.blocks}
+    assert mgr.plan.predicted_peak <= budget

@@ -14,6 +14,7 @@ from deltaswap.swap.planner import (
     frontier,
     keep_block,
     make_plan,
+    plan_first,
     plan_manual,
     simulate,
     swap_block,
@@ -159,3 +160,19 @@ def test_the_predicted_timeline_reaches_the_peak_and_ends_with_the_step(budget_m
     assert max(b for _, b in plan.timeline) == plan.predicted_peak
     checkpointed = [b for b in plan.blocks if b.mode is BlockMode.CHECKPOINT]
     assert plan.recompute_ops == sum(len(block().ops) - len(b.decisions) for b in checkpointed)
+
+
+def test_the_first_plan_recomputes_rather_than_trusting_the_profiled_forward_to_hide_swaps() -> None:
+    """Profiled op times run slow; the plan before any measured step swaps only if nothing fits without,
+    and then as if the forward ran a quarter of its profiled time (so fewer copies look hidden)."""
+    work = workload(gbps=50.0)
+    trusting = make_plan(work, "auto", budget=4000 * MB)
+    assert any(b.mode is BlockMode.SWAP for b in trusting.blocks)
+    first = plan_first(work, budget=4000 * MB)
+    assert first.predicted_peak <= 4000 * MB
+    assert not any(b.mode is BlockMode.SWAP or b.swap_input for b in first.blocks)
+    tight = dataclasses.replace(work, lookahead=300 * MB)  # at 1000 MB only swapped inputs fit
+    guarded = plan_first(tight, budget=1000 * MB)
+    assert guarded.predicted_peak <= 1000 * MB
+    swapped = sum(b.swapped_bytes for b in guarded.blocks)
+    assert 0 < swapped < sum(b.swapped_bytes for b in make_plan(tight, "auto", budget=1000 * MB).blocks)
