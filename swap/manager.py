@@ -27,7 +27,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 
 from .backend import CopyBackend, CudaCopyBackend
-from .config import UNLIMITED, SwapConfig, format_bytes
+from .config import UNLIMITED, SwapConfig, format_budget, format_bytes
 from .offloader import ActivationOffloader
 from .planner import (
     BlockCost,
@@ -36,12 +36,13 @@ from .planner import (
     Plan,
     Workload,
     make_plan,
+    plan_auto,
     plan_first,
     plan_manual,
     profiling_plans,
     simulate,
 )
-from .pool import available_host_bytes
+from .pool import HostMemoryError, available_host_bytes
 from .profile import Bandwidth, OpProfiler, measure_bandwidth
 from .recompute import LocalStore, OpDecision, _Frame, _RecordingMode, checkpoint_all, checkpoint_with_policy
 from .stats import OffloadStats
@@ -160,6 +161,7 @@ class ActivationManager:
         host_memory_available: Callable[[], int] = available_host_bytes,
     ) -> None:
         self.config = config if config is not None else SwapConfig()
+        self._host_memory_available = host_memory_available
         self._offloader = ActivationOffloader(
             self.config.offload_config(), backend=backend, device=device,
             host_memory_available=host_memory_available,
@@ -284,10 +286,13 @@ class ActivationManager:
         after the block, outside it."""
         if self._model is None:
             raise RuntimeError("call ActivationManager.wrap(model) before step()")
-        if not self._device_given and self._offloader.backend is None:
-            param = next(self._model.parameters(), None)
-            if param is not None:
-                self._offloader.set_device(param.device)
+        param = next(self._model.parameters(), None)
+        if param is not None and param.device.type not in ("cuda", "cpu"):
+            raise ValueError(f"deltaswap trains on CUDA devices (and on the CPU, without swapping); the "
+                             f"model is on {param.device}. Move it to a CUDA device, or train without "
+                             f"deltaswap.")
+        if not self._device_given and self._offloader.backend is None and param is not None:
+            self._offloader.set_device(param.device)
         self._finish_profiling()
         self._finish_late_profiles()
         self._observe()
@@ -301,6 +306,8 @@ class ActivationManager:
             self._in_step = True
             try:
                 yield self
+            except torch.OutOfMemoryError as err:
+                raise torch.OutOfMemoryError(self._out_of_memory(err)) from err
             finally:
                 self._in_step = False
                 self._step_marks = (start, self._mark())
@@ -310,6 +317,21 @@ class ActivationManager:
             if self._on_cuda():
                 self._profile.forward_end = torch.cuda.memory_allocated() - self._profile.baseline
             self._pending = (self._key, self._profile, *self._step_marks, self._offloader.saved_bytes)
+
+    def _out_of_memory(self, err: torch.OutOfMemoryError) -> str:
+        """What to tell a user whose step ran out of GPU memory: the plan's numbers and what to change.
+        Nothing is left behind: the next step (a smaller batch is a new shape, profiled again) runs."""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory"
+        plan = self._step_plan
+        if plan is None:
+            return (f"deltaswap: out of GPU memory in the profiling step of this input shape, which runs "
+                    f"with the least memory deltaswap can profile with (the first block plainly, every "
+                    f"other block checkpointed). Lower the batch size or the sequence length. ({first})")
+        return (f"deltaswap: out of GPU memory in a step under the plan (policy {plan.policy}, budget "
+                f"{format_budget(plan.budget)}, predicted activation peak "
+                f"{format_bytes(plan.predicted_peak)}). Lower memory_budget to leave more room for what "
+                f"is not activations, or lower the batch size; the next step can run a smaller batch "
+                f"without restarting. ({first})")
 
     # -- results ------------------------------------------------------------------------------------
     @property
@@ -518,6 +540,8 @@ class ActivationManager:
             plan = plan_first(work, budget)  # no step has measured the forward's speed yet
         else:
             plan = make_plan(work, self.config.policy, budget)
+        if manual is None:
+            plan = self._within_host_memory(work, plan, budget)
         self._calibrated[key] = work
         if warn and plan.predicted_peak > plan.budget:
             warnings.warn(
@@ -537,6 +561,37 @@ class ActivationManager:
             self._observed.discard(dropped)
             self._late.discard(dropped)
         self._plan = plan
+
+    def _within_host_memory(self, work: Workload, plan: Plan, budget: int) -> Plan:
+        """``plan``, if the host has the RAM to hold what it swaps; else (``auto``) a plan that swaps
+        nothing, if one fits the budget, with a warning.
+
+        Raises:
+            HostMemoryError: if no plan fits both, naming the sizes and what to change.
+        """
+        swapped = sum(b.swapped_bytes for b in plan.blocks)
+        if swapped == 0:
+            return plan
+        reserve = int(self.config.offload_config().host_ram_reserve)  # type: ignore[arg-type]
+        room = max(0, self._host_memory_available() - reserve) + self._offloader.pinned_bytes_reserved
+        if swapped <= room:
+            return plan
+        local = plan_auto(work, budget, swap=False) if self.config.policy == "auto" else None
+        if local is not None and local.predicted_peak <= budget:
+            warnings.warn(
+                f"deltaswap: the plan would swap {format_bytes(swapped)} to host memory per step, but only "
+                f"{format_bytes(room)} of host RAM is free beyond host_ram_reserve; training recomputes "
+                f"instead (slower). Free host RAM, or lower host_ram_reserve, to let it swap.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return local
+        raise HostMemoryError(
+            f"deltaswap: the plan for this input shape swaps {format_bytes(swapped)} to host memory per "
+            f"step, but only {format_bytes(room)} of host RAM is free beyond host_ram_reserve "
+            f"({format_bytes(reserve)}), and without swapping the activations need more than the budget "
+            f"of {format_budget(budget)}. Lower the batch size, raise memory_budget, or free host RAM."
+        )
 
     @staticmethod
     def _calibrate(work: Workload, profile: _Profile, times: tuple[float, float], scale: float) -> Workload:

@@ -381,17 +381,17 @@ STALL_TOLERANCE_MS = 0.5
 """Plans that swap more leading blocks are tried while the predicted backward stall stays under this."""
 
 
-def plan_auto(work: Workload, budget: int) -> Plan:
+def plan_auto(work: Workload, budget: int, *, swap: bool = True) -> Plan:
     """The cheapest mix found for ``budget`` (see the module docstring): for each number of leading
     blocks to swap (as many as the backward need not wait for, down to none), checkpoint the rest
     greedily until the peak fits, then trade swapped inputs for stored outputs; the fastest plan that
-    fits wins, or else the one with the smallest peak."""
+    fits wins, or else the one with the smallest peak. ``swap=False``: keep and recompute only."""
     keep = [keep_block(c) for c in work.blocks]
     pred = simulate(work, keep)
     if pred.peak <= budget:
         return _finish(work, keep, budget, "auto")
     hidden = 0  # how many leading blocks can be swapped before the backward waits for their copies
-    for k in range(len(keep)):
+    for k in range(len(keep) if swap else 0):
         trial = [swap_block(c) for c in work.blocks[: k + 1]] + keep[k + 1 :]
         if simulate(work, trial).stall_ms > STALL_TOLERANCE_MS:
             break
@@ -399,8 +399,8 @@ def plan_auto(work: Workload, budget: int) -> Plan:
     best: tuple[bool, float, list[BlockPlan]] | None = None
     for n_swap in range(hidden, -1, -1):
         plans = [swap_block(c) for c in work.blocks[:n_swap]] + keep[n_swap:]
-        plans, pred = _checkpoint_until_fits(work, plans, budget)
-        if pred.peak <= budget:
+        plans, pred = _checkpoint_until_fits(work, plans, budget, swap_inputs=swap)
+        if pred.peak <= budget and swap:
             plans, pred = _swap_inputs_and_relax(work, plans, pred, budget)
         fits = pred.peak <= budget
         candidate = (not fits, pred.ms if fits else float(pred.peak), plans)
@@ -411,7 +411,7 @@ def plan_auto(work: Workload, budget: int) -> Plan:
 
 
 def _checkpoint_until_fits(
-    work: Workload, plans: list[BlockPlan], budget: int
+    work: Workload, plans: list[BlockPlan], budget: int, *, swap_inputs: bool = True
 ) -> tuple[list[BlockPlan], Prediction]:
     """Checkpoint the kept blocks along their frontiers, always taking the move that frees memory for
     the least recompute time per byte (judged locally, then the plan is simulated again); if that is not
@@ -436,7 +436,7 @@ def _checkpoint_until_fits(
         _, k, j = best
         plans[k], position[k] = fronts[k][j], j
         pred = simulate(work, plans)
-    for k in range(len(plans)):
+    for k in range(len(plans) if swap_inputs else 0):
         if pred.peak <= budget:
             break
         if plans[k].mode is BlockMode.CHECKPOINT and not plans[k].swap_input:
@@ -522,10 +522,9 @@ def plan_first(work: Workload, budget: int) -> Plan:
     nothing fits without swapping does it swap, as if the forward ran :data:`UNMEASURED_SPEED` times its
     profiled time. The step that runs it measures the forward, and :func:`plan_auto` takes over.
     """
-    no_pcie = replace(work, bandwidth=replace(work.bandwidth, d2h_gbps=1e-6, h2d_gbps=1e-6))
-    plan = plan_auto(no_pcie, budget)
+    plan = plan_auto(work, budget, swap=False)
     if plan.predicted_peak <= budget:
-        return _finish(work, list(plan.blocks), budget, "auto")
+        return plan
     guarded = plan_auto(work.scaled(UNMEASURED_SPEED), budget)
     return _finish(work, list(guarded.blocks), budget, "auto")
 

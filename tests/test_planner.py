@@ -14,6 +14,7 @@ from deltaswap.swap.planner import (
     frontier,
     keep_block,
     make_plan,
+    plan_auto,
     plan_first,
     plan_manual,
     simulate,
@@ -171,8 +172,9 @@ def test_the_first_plan_recomputes_rather_than_trusting_the_profiled_forward_to_
     first = plan_first(work, budget=4000 * MB)
     assert first.predicted_peak <= 4000 * MB
     assert not any(b.mode is BlockMode.SWAP or b.swap_input for b in first.blocks)
-    tight = dataclasses.replace(work, lookahead=300 * MB)  # at 1000 MB only swapped inputs fit
-    guarded = plan_first(tight, budget=1000 * MB)
-    assert guarded.predicted_peak <= 1000 * MB
+    tight = dataclasses.replace(work, lookahead=300 * MB)  # at 1100 MB only swapped bytes fit
+    assert plan_auto(tight, 1100 * MB, swap=False).predicted_peak > 1100 * MB
+    guarded = plan_first(tight, budget=1100 * MB)
+    assert guarded.predicted_peak <= 1100 * MB
     swapped = sum(b.swapped_bytes for b in guarded.blocks)
-    assert 0 < swapped < sum(b.swapped_bytes for b in make_plan(tight, "auto", budget=1000 * MB).blocks)
+    assert 0 < swapped < sum(b.swapped_bytes for b in make_plan(tight, "auto", budget=1100 * MB).blocks)
