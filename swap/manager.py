@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.autograd.graph import saved_tensors_hooks
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,
@@ -199,14 +200,21 @@ class ActivationManager:
 
         Raises:
             ValueError: if no blocks are found (the message says how to name them), if the blocks are
-                already wrapped by another manager or by torch's ``checkpoint_wrapper``, or if this
-                manager already wraps another model.
+                already wrapped by another manager or by torch's ``checkpoint_wrapper``, if this manager
+                already wraps another model, or if the model (or a part of it) is compiled with
+                ``torch.compile``.
         """
         if self._model is model:
             return model
         if self._model is not None:
             raise ValueError("this ActivationManager already wraps another model: use one manager per model, "
                              "or call unwrap() first")
+        if any(isinstance(m, OptimizedModule) for m in model.modules()):
+            raise ValueError(
+                "deltaswap runs the model eagerly (its per-op plan runs in dispatch modes that "
+                "torch.compile does not trace): wrap the uncompiled model and do not compile it, or "
+                "compile without deltaswap"
+            )
         blocks = find_blocks(model, self.config.block_types)
         if any(isinstance(b, CheckpointWrapper) for b in blocks):
             raise ValueError(
