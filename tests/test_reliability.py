@@ -188,3 +188,48 @@ def test_soak_variable_lengths_keeps_pinned_memory_flat_and_the_plan_cache_bound
     assert len(mgr._plans) == PLAN_CACHE_SIZE
     assert reserved[0] == reserved[1] == reserved[2] > 0
     assert max(live) == 0
+
+
+def llama_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 97, (4, 33), generator=gen)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def resnet_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+
+
+@pytest.mark.parametrize("policy", ["keep", "swap", "recompute", "delta", "auto"])
+@pytest.mark.parametrize("shape", ["llama", "resnet"])
+def test_llama_and_resnet_blocks_train_exactly_under_every_policy(shape: str, policy: str) -> None:
+    from models import Llama, ResNet
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return Llama() if shape == "llama" else ResNet()
+
+    batch = llama_batch() if shape == "llama" else resnet_batch()
+
+    def train(model: nn.Module, mgr: ActivationManager | None) -> list[list[torch.Tensor]]:
+        out = []
+        for seed in range(3):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(seed)
+            if mgr is None:
+                loss = model(*batch)
+            else:
+                with mgr.step():
+                    loss = model(*batch)
+            loss.backward()
+            out.append(grads(model))
+        return out
+
+    plain = train(make(), None)
+    model = make()
+    mgr = manager(policy=policy, memory_budget=1 if policy == "auto" else "auto")
+    mgr.wrap(model)
+    for expected, actual in zip(plain, train(model, mgr), strict=True):
+        assert_bitwise_equal(expected, actual)
+    assert mgr.plan is not None and len(mgr.plan.blocks) == (3 if shape == "llama" else 4)
