@@ -155,7 +155,8 @@ class SwapPlanSummary(Callback):
         plan = strategy.plan
         if plan is None:
             return
-        decisions = (plan.blocks, plan.budget, plan.policy)
+        blocks = tuple((b.mode, b.decisions, b.swap_input) for b in plan.blocks)
+        decisions = (blocks, plan.budget, plan.policy)
         if decisions in self._printed:
             return
         self._printed.append(decisions)

@@ -255,6 +255,8 @@ def report(trainer: L.Trainer, speedometer: Speedometer, on_cuda: bool) -> None:
     else:
         print(f"throughput: not measured (it needs more than {speedometer.skip} steps)")
     if on_cuda:
+        # deltaswap's profiling step and SwapMonitor reset the peak counter: with deltaswap this is the
+        # peak since the last logged step, without it the peak of the whole run
         print(f"peak GPU memory: {format_bytes(torch.cuda.max_memory_allocated())} allocated, "
               f"{format_bytes(torch.cuda.max_memory_reserved())} reserved")
     plan = getattr(trainer.strategy, "plan", None)

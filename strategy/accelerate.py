@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from deltaswap.swap import ActivationManager, ManagerStats, Plan, SwapConfig
 
@@ -20,8 +18,9 @@ class DeltaSwapPlugin(SwapConfig):
 
     Use it when a plain PyTorch loop under Accelerate runs out of GPU memory. Accelerate's
     ``kwargs_handlers`` take only its own classes, so the plugin works beside the ``Accelerator``: its
-    :meth:`prepare` wraps the model's repeated blocks (state-dict keys unchanged) and hooks the model's
-    forward, so nothing else in the loop changes. Call it before or after ``accelerator.prepare``. Forwards
+    :meth:`prepare` wraps the model's repeated blocks (state-dict keys unchanged) and the model's
+    ``forward`` (an attribute of that model object, as Accelerate's mixed precision sets one), so nothing
+    else in the loop changes. Call it before or after ``accelerator.prepare``. Forwards
     in ``eval()`` mode or without gradients are not affected. Gradients are bitwise equal to the loop
     without it. Its fields are those of :class:`~deltaswap.swap.SwapConfig`, validated the same way.
 
@@ -47,8 +46,8 @@ class DeltaSwapPlugin(SwapConfig):
     """
 
     _manager: ActivationManager | None = field(default=None, init=False, repr=False, compare=False)
-    _handles: list[RemovableHandle] = field(default_factory=list, init=False, repr=False, compare=False)
-    _open: contextlib.ExitStack | None = field(default=None, init=False, repr=False, compare=False)
+    _stepping: bool = field(default=False, init=False, repr=False, compare=False)
+    _closed: bool = field(default=False, init=False, repr=False, compare=False)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Wrap ``model``'s blocks and run its training forwards under the plan; returns the same model.
@@ -64,23 +63,27 @@ class DeltaSwapPlugin(SwapConfig):
         manager = ActivationManager(SwapConfig(**{f.name: getattr(self, f.name) for f in fields(SwapConfig)}))
         manager.wrap(model)
         self._manager = manager
-        self._handles = [
-            model.register_forward_pre_hook(self._begin),
-            model.register_forward_hook(self._end, always_call=True),
-        ]
+        inner = model.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self._closed or self._stepping or not (model.training and torch.is_grad_enabled()):
+                return inner(*args, **kwargs)  # evaluation, no_grad, or a call inside the step
+            self._stepping = True
+            try:
+                with manager.step():  # closed on any exception, KeyboardInterrupt included
+                    return inner(*args, **kwargs)
+            finally:
+                self._stepping = False
+
+        forward.__wrapped__ = inner  # type: ignore[attr-defined]
+        model.forward = forward  # type: ignore[method-assign]
         return model
 
-    def _begin(self, module: nn.Module, args: Any) -> None:
-        if self._open is None and module.training and torch.is_grad_enabled():
-            assert self._manager is not None
-            stack = contextlib.ExitStack()
-            stack.enter_context(self._manager.step())
-            self._open = stack
-
-    def _end(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._open is not None:
-            stack, self._open = self._open, None
-            stack.close()
+    def close(self) -> None:
+        """Give the pinned host memory back (training is over); the model then trains plainly."""
+        if self._manager is not None:
+            self._closed = True  # every later forward passes straight through
+            self._manager.close()
 
     @property
     def manager(self) -> ActivationManager | None:

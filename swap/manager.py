@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -189,6 +190,7 @@ class ActivationManager:
         self._step_clean = False
         self._backward_mark: Any = None
         self._names: list[str] = []
+        self._last_model: weakref.ref[nn.Module] | None = None
         self._originals: list[tuple[nn.Module, str, nn.Module]] = []
 
     # -- setup --------------------------------------------------------------------------------------
@@ -206,6 +208,9 @@ class ActivationManager:
         """
         if self._model is model:
             return model
+        last = self._last_model() if self._last_model is not None else None
+        if last is not None and last is not model:
+            self.replan()  # the cached plans were measured on another model
         if self._model is not None:
             raise ValueError("this ActivationManager already wraps another model: use one manager per model, "
                              "or call unwrap() first")
@@ -241,18 +246,24 @@ class ActivationManager:
             if isinstance(child, CheckpointWrapper) and id(child._checkpoint_wrapped_module) in ids
         ]
         self._blocks, self._model = blocks, model
+        self._last_model = weakref.ref(model)
         self._names = [names[id(b)] for b in blocks]
         return model
 
     def unwrap(self) -> nn.Module | None:
         """Put the original blocks back into the model (state-dict keys never changed) and forget it;
         returns the model (``None`` if nothing was wrapped). Plans stay cached for a later :meth:`wrap`
-        of the same model."""
+        of the same model (wrapping another one forgets them)."""
         model = self._model
         for parent, child_name, wrapper in self._originals:
             setattr(parent, child_name, wrapper._checkpoint_wrapped_module)
         self._originals, self._model, self._blocks, self._names = [], None, [], []
         return model
+
+    def close(self) -> None:
+        """Give the pinned host memory back; call when training with this manager is over. A later
+        step allocates it again."""
+        self._offloader.close()
 
     @property
     def model(self) -> nn.Module | None:

@@ -310,7 +310,9 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         blocks_peak = max(blocks_peak, held)
         timeline.append((started[k], held + work.peak_offset))
         grads_above -= cost.grad_bytes
-    peak = max(forward_end_bytes + work.head_transient, blocks_peak + work.peak_offset)
+    # in the forward pass, swapped bytes whose copy has not finished still occupy the GPU
+    forward_peak = max((b for _, b in timeline), default=0.0)
+    peak = max(forward_peak, forward_end_bytes + work.head_transient, blocks_peak + work.peak_offset)
     timeline.append((t, work.other_grad_bytes + sum(c.grad_bytes for c in work.blocks)))
     return Prediction(peak=int(peak), ms=t, stall_ms=stall, forward_ms=forward_end,
                       forward_end_bytes=forward_end_bytes, blocks_peak=int(blocks_peak),

@@ -91,3 +91,41 @@ def test_bad_options_and_a_second_model_are_refused() -> None:
         plugin.prepare(GPT(CFG))
     with pytest.raises(ValueError, match="block_types"):
         quiet_plugin().prepare(torch.nn.Linear(4, 4))
+
+
+class Flaky(torch.nn.Module):
+    """Wraps a block; raises ``error`` on the next call when armed."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.error: BaseException | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return self.block(x)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()], ids=["exception", "interrupt"])
+def test_a_forward_failing_inside_a_block_closes_the_step_and_profiles_again(error: BaseException) -> None:
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    model.blocks = torch.nn.ModuleList(Flaky(b) for b in model.blocks)
+    flaky = list(model.blocks)
+    plugin = quiet_plugin(policy="recompute", block_types=(Flaky,))
+    plugin.prepare(model)
+    x, y = next(iter(loader()))
+    flaky[2].error = error
+    with pytest.raises(type(error)):
+        model(x, y)  # fails in the profiling step, after two blocks ran
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None, "no hooks left behind"
+    model.eval()
+    model(x, y).backward()  # an evaluation forward is not under a plan
+    assert plugin.plan is None
+    model.train()
+    for _ in range(2):
+        model(x, y).backward()
+    assert plugin.plan is not None and len(plugin.plan.blocks) == CFG.n_layer, "profiled again, whole"
+    assert plugin.stats is not None and not plugin.stats.profiling

@@ -337,3 +337,22 @@ def test_swaps_wait_until_a_planned_step_has_measured_the_forward() -> None:
     train(model, batches[1:3], mgr)  # the first planned step measures the forward; the next runs the plan
     assert mgr.plan is not None and BlockMode.SWAP in {b.mode for b in mgr.plan.blocks}
     assert mgr.plan.predicted_peak <= budget
+
+
+def test_wrapping_another_model_forgets_the_plans_of_the_first() -> None:
+    model, batches = model_and_batches(2)
+    mgr = manager(policy="recompute")
+    mgr.wrap(model)
+    train(model, batches, mgr)
+    mgr.unwrap()
+    mgr.wrap(model)  # the same model again: its plans are still good
+    train(model, batches[:1], mgr)
+    assert not mgr.stats.profiling
+    mgr.unwrap()
+    torch.manual_seed(0)
+    other = GPT(GPTConfig(vocab_size=97, seq_len=32, n_layer=6, n_head=4, d_model=64))
+    mgr.wrap(other)
+    train(other, batches[:1], mgr)
+    assert mgr.stats.profiling, "another model is profiled, not run on the first one's plan"
+    train(other, batches[1:], mgr)
+    assert mgr.plan is not None and len(mgr.plan.blocks) == 6

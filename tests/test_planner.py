@@ -178,3 +178,16 @@ def test_the_first_plan_recomputes_rather_than_trusting_the_profiled_forward_to_
     assert guarded.predicted_peak <= 1100 * MB
     swapped = sum(b.swapped_bytes for b in guarded.blocks)
     assert 0 < swapped < sum(b.swapped_bytes for b in make_plan(tight, "auto", budget=1100 * MB).blocks)
+
+
+@pytest.mark.parametrize("budget_mb", [800, 700])
+def test_copies_still_in_flight_during_the_forward_count_at_the_peak(budget_mb: int) -> None:
+    """Swapped blocks whose copies lag, then long recomputed blocks while the copies drain: the peak
+    is inside the forward pass, and a plan must fit there too."""
+    work = dataclasses.replace(workload(gbps=5.0).scaled(20.0), lookahead=300 * MB)
+    plan = make_plan(work, "auto", budget=budget_mb * MB)
+    forward_end = simulate(work, plan.blocks).forward_ms
+    in_forward = max(b for ms, b in plan.timeline if ms < forward_end)
+    assert in_forward <= plan.predicted_peak
+    if plan.predicted_peak <= budget_mb * MB:
+        assert in_forward <= budget_mb * MB

@@ -4,6 +4,7 @@ manual optimization, checkpoints and a second fit; clear errors and a single CPU
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from deltaswap.swap.planner import BlockMode
 
 from gpt import Block
 from helpers import assert_bitwise_equal
-from lightning_helpers import LitGPT, fit, params
+from lightning_helpers import CFG, LitGPT, fit, loader, params
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's CPU/num_workers hints
 
@@ -94,13 +95,22 @@ def test_checkpoints_keep_the_plain_keys_and_resume(tmp_path: Path) -> None:
     assert not torch.equal(resumed.model.lm_head.weight, state["model.lm_head.weight"]), "it trained on"
 
 
-def test_fit_twice_and_fast_dev_run(tmp_path: Path) -> None:
-    strategy = SwapStrategy(policy="recompute")
-    trainer, module = quiet(strategy, tmp_path, max_steps=2)
-    first = trainer.strategy.plan  # type: ignore[attr-defined]
-    trainer, module = quiet(SwapStrategy(policy="recompute"), tmp_path, max_steps=2, module=module)
-    assert trainer.strategy.plan is not None and first is not None  # type: ignore[attr-defined]
-    assert all(isinstance(b, Block) for b in module.model.blocks)
+def test_one_trainer_fits_twice_and_then_another_model(tmp_path: Path) -> None:
+    trainer, module = quiet(SwapStrategy(policy="recompute"), tmp_path, max_steps=-1, max_epochs=1)
+    strategy = trainer.strategy
+    assert isinstance(strategy, SwapStrategy) and strategy.plan is not None and trainer.global_step == 4
+    for epochs, model in ((2, module), (3, LitGPT(dataclasses.replace(CFG, n_layer=6)))):
+        trainer.fit_loop.max_epochs = epochs
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="deltaswap: the model runs on the CPU")
+            trainer.fit(model, loader())
+        assert trainer.global_step == 4 * epochs, "each fit trains on"
+        assert all(isinstance(b, Block) for b in model.model.blocks), "unwrapped after each fit"
+        assert strategy.plan is not None and len(strategy.plan.blocks) == model.model.cfg.n_layer
+        assert strategy.stats is not None and not strategy.stats.profiling
+
+
+def test_fast_dev_run(tmp_path: Path) -> None:
     trainer, _ = quiet(SwapStrategy(policy="recompute"), tmp_path, max_steps=-1, fast_dev_run=True)
     assert trainer.global_step == 1
 
