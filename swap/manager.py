@@ -312,6 +312,9 @@ class ActivationManager:
                              f"deltaswap.")
         if not self._device_given and self._offloader.backend is None and param is not None:
             self._offloader.set_device(param.device)
+        budget = self.config.memory_budget
+        if param is not None and param.device.type == "cuda" and isinstance(budget, int):
+            check_budget_fits(budget, torch.cuda.get_device_properties(param.device).total_memory)
         self._finish_profiling()
         self._finish_late_profiles()
         self._observe()
@@ -660,11 +663,13 @@ class ActivationManager:
 
     def _budget(self) -> int:
         budget = self.config.memory_budget
-        if isinstance(budget, int):
-            return budget
         if not self._on_cuda():
-            return UNLIMITED  # no device memory to fit: keep everything unless a size was given
+            # no device memory to fit: keep everything unless a size was given
+            return budget if isinstance(budget, int) else UNLIMITED
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        if isinstance(budget, int):
+            check_budget_fits(budget, total)
+            return budget
         if isinstance(budget, float):
             return int(budget * total)
         assert self._model is not None
@@ -700,6 +705,20 @@ class ActivationManager:
             end.synchronize()
             return float(start.elapsed_time(end))
         return (end - start) * 1e3
+
+
+def check_budget_fits(budget: int, device_bytes: int) -> None:
+    """Refuse a ``memory_budget`` in bytes larger than the device it is for.
+
+    Raises:
+        ValueError: naming both sizes and what to write instead.
+    """
+    if budget > device_bytes:
+        raise ValueError(
+            f"memory_budget={format_bytes(budget)} is more than the device has "
+            f"({format_bytes(device_bytes)}); give a smaller size, a fraction such as 0.6, or 'auto' "
+            f"(what is left after weights, gradients and optimizer state)"
+        )
 
 
 def _recompute_all(index: int, op: object) -> OpDecision:

@@ -119,3 +119,11 @@ def test_a_model_on_an_unsupported_device_is_refused_before_its_first_step() -> 
     mgr.wrap(model)
     with pytest.raises(ValueError, match="model is on meta"), mgr.step():
         pass
+
+
+def test_a_budget_larger_than_the_device_is_refused_with_both_sizes() -> None:
+    from deltaswap.swap.manager import check_budget_fits
+
+    check_budget_fits(80 * GiB, 80 * GiB)
+    with pytest.raises(ValueError, match=r"memory_budget=96.00 GiB is more than the device has \(80.00"):
+        check_budget_fits(96 * GiB, 80 * GiB)
