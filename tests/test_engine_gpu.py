@@ -4,6 +4,7 @@ kernels and PCIe contention, memory really released, pinned memory flat. Run on 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,6 +21,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("deterministic_cuda")]
 
 ALL = OffloadConfig(min_bytes=0)
 SLEEP = 200_000  # GPU cycles: ~0.1 ms, long next to the small kernels of the test model
+RACE_REPS = int(os.environ.get("DELTASWAP_RACE_REPS", "3"))
+"""Repetitions of each race test (3 back-to-back steps each); the reliability run sets 100."""
 
 
 def step(
@@ -133,7 +136,7 @@ def test_races_with_stretched_kernels(where: set[str]) -> None:
     off = ActivationOffloader(ALL, backend=backend)
     stretch = Stretch(model, backend, where)
     try:
-        for rep in range(3):
+        for rep in range(RACE_REPS):
             for i, b in enumerate(batches):  # back to back: pinned blocks are reused across steps
                 with pcie_contention():
                     grads = step(model, b, off, autocast=True, seed=i)
