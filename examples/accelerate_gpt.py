@@ -32,18 +32,16 @@ from torch.utils.data import DataLoader
 from deltaswap.strategy import DeltaSwapPlugin
 from deltaswap.swap import format_bytes
 
+from cli import add_deltaswap_options
 from gpt import GPT, PRESETS
-from train_gpt import RandomSequences, memory_budget
+from train_gpt import RandomSequences
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shape (gpt.PRESETS)")
-    parser.add_argument("--strategy", default="deltaswap", choices=("plain", "deltaswap"))
-    parser.add_argument("--memory-budget", type=memory_budget, default="auto",
-                        help="deltaswap's activation budget: auto, a size (12GiB) or a fraction (0.6)")
-    parser.add_argument("--policy", default="auto", choices=("auto", "delta", "swap", "recompute", "keep"))
+    add_deltaswap_options(parser)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps")

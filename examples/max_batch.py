@@ -40,8 +40,8 @@ from typing import Any
 import torch
 
 from deltaswap.swap import ActivationManager, HostMemoryError, SwapConfig
-from deltaswap.swap.config import memory_budget_from_text
 
+from cli import add_deltaswap_options
 from gpt import GPT, PRESETS, GPTConfig, random_batch
 
 GiB = 1 << 30
@@ -269,14 +269,6 @@ def summarize(results: list[Search], state: dict[str, float], total_gib: float) 
     return summary
 
 
-def memory_budget(text: str) -> int | float | str:
-    """``--memory-budget``: see :func:`~deltaswap.swap.config.memory_budget_from_text`."""
-    try:
-        return memory_budget_from_text(text)
-    except (TypeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -286,9 +278,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--start", type=int, default=1, help="first batch size tried")
     parser.add_argument("--limit", type=int, default=1024, help="largest batch size tried")
-    parser.add_argument("--memory-budget", type=memory_budget, default="auto",
-                        help="deltaswap's activation budget: auto, a size (40GiB) or a fraction (0.6)")
-    parser.add_argument("--policy", default="auto", choices=("auto", "delta", "swap", "recompute", "keep"))
+    add_deltaswap_options(parser, strategy=False)
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed steps per trial (deltaswap: profiling, first plan, re-calibrated plan)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per trial")

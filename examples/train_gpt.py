@@ -36,8 +36,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, IterableDataset
 
 from deltaswap.swap import format_bytes
-from deltaswap.swap.config import format_budget, memory_budget_from_text
+from deltaswap.swap.config import format_budget
 
+from cli import add_deltaswap_options
 from gpt import GPT, PRESETS, GPTConfig, random_batch
 
 
@@ -157,22 +158,11 @@ class Speedometer(Callback):
         return time.perf_counter()
 
 
-def memory_budget(text: str) -> int | float | str:
-    """``--memory-budget``: see :func:`~deltaswap.swap.config.memory_budget_from_text`."""
-    try:
-        return memory_budget_from_text(text)
-    except (TypeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shape (gpt.PRESETS)")
-    parser.add_argument("--strategy", default="deltaswap", choices=("plain", "deltaswap"))
-    parser.add_argument("--memory-budget", type=memory_budget, default="auto",
-                        help="deltaswap's activation budget: auto, a size (12GiB) or a fraction (0.6)")
-    parser.add_argument("--policy", default="auto", choices=("auto", "delta", "swap", "recompute", "keep"))
+    add_deltaswap_options(parser)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--precision", default=None,

@@ -8,11 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltaswap.swap import ActivationManager, ManagerStats, Plan, SwapConfig
+from deltaswap.swap import ActivationManager, SwapConfig
+
+from .views import ManagerViews
 
 
 @dataclass
-class DeltaSwapPlugin(SwapConfig):
+class DeltaSwapPlugin(SwapConfig, ManagerViews):
     """Run every training forward of a model under an :class:`~deltaswap.swap.ActivationManager` plan:
     activations kept, swapped to pinned host memory or recomputed so that they fit ``memory_budget``.
 
@@ -85,18 +87,4 @@ class DeltaSwapPlugin(SwapConfig):
             self._closed = True  # every later forward passes straight through
             self._manager.close()
 
-    @property
-    def manager(self) -> ActivationManager | None:
-        """The :class:`~deltaswap.swap.ActivationManager` (``None`` before :meth:`prepare`)."""
-        return self._manager
-
-    @property
-    def plan(self) -> Plan | None:
-        """The plan of the last input shape (``None`` until the first training forward has run)."""
-        return self._manager.plan if self._manager is not None else None
-
-    @property
-    def stats(self) -> ManagerStats | None:
-        """Measured behaviour of the last training step and the plan's prediction for it."""
-        return self._manager.stats if self._manager is not None else None
 

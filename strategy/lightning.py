@@ -15,7 +15,9 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
-from deltaswap.swap import ActivationManager, ManagerStats, Plan, SwapConfig
+from deltaswap.swap import ActivationManager, SwapConfig
+
+from .views import ManagerViews
 
 if TYPE_CHECKING:
     from lightning.fabric.strategies.registry import _StrategyRegistry
@@ -31,7 +33,7 @@ def swap_config(memory_budget: int | float | str, policy: str, options: dict[str
     return SwapConfig(memory_budget=memory_budget, policy=policy, **options)
 
 
-class SwapStrategy(SingleDeviceStrategy):
+class SwapStrategy(SingleDeviceStrategy, ManagerViews):
     """Train on one device with activations kept, swapped to pinned host memory or recomputed, per
     saved tensor, so that they fit ``memory_budget`` at the least measured cost.
 
@@ -136,22 +138,7 @@ class SwapStrategy(SingleDeviceStrategy):
             stack.close()
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
-    # -- what it did ----------------------------------------------------------------------------------
-    @property
-    def manager(self) -> ActivationManager | None:
-        """The :class:`~deltaswap.swap.ActivationManager` (``None`` before setup)."""
-        return self._manager
-
-    @property
-    def plan(self) -> Plan | None:
-        """The plan of the last input shape (``None`` until the first training step has run)."""
-        return self._manager.plan if self._manager is not None else None
-
-    @property
-    def stats(self) -> ManagerStats | None:
-        """Measured behaviour of the last training step and the plan's prediction for it."""
-        return self._manager.stats if self._manager is not None else None
-
+    # -- registration ---------------------------------------------------------------------------------
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:

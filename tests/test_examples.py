@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import accelerate_gpt
+import cli
 import max_batch
 import train_gpt
 from gpt import GPT, GPTConfig, random_batch
@@ -157,14 +158,20 @@ def test_accelerate_gpt_plain_prints_the_same_losses(capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize(("text", "expected"), [("auto", "auto"), ("0.6", 0.6), ("12GiB", "12GiB"),
                                                 ("1000000", 1000000)])
 def test_memory_budget_argument(text: str, expected: int | float | str) -> None:
-    assert train_gpt.memory_budget(text) == expected
-    assert max_batch.memory_budget(text) == expected
+    for example in (train_gpt, accelerate_gpt, max_batch):
+        assert example.parse_args(["--memory-budget", text]).memory_budget == expected
 
 
 @pytest.mark.parametrize("bad", ["1.5", "0", "12 gigs"])
-def test_memory_budget_argument_rejects_what_swapconfig_rejects(bad: str) -> None:
+def test_memory_budget_argument_rejects_what_swapconfig_rejects(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
-        train_gpt.memory_budget(bad)
+        cli.memory_budget(bad)
+    for example in (train_gpt, accelerate_gpt, max_batch):
+        with pytest.raises(SystemExit):
+            example.parse_args(["--memory-budget", bad])
+        assert "memory_budget" in capsys.readouterr().err
 
 
 # -- max_batch.py ------------------------------------------------------------------------------------
