@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._dynamo.eval_frame import OptimizedModule
 from torch.autograd.graph import saved_tensors_hooks
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,
@@ -214,6 +213,8 @@ class ActivationManager:
         if self._model is not None:
             raise ValueError("this ActivationManager already wraps another model: use one manager per model, "
                              "or call unwrap() first")
+        from torch._dynamo.eval_frame import OptimizedModule  # here: importing dynamo takes a while
+
         if any(isinstance(m, OptimizedModule) for m in model.modules()):
             raise ValueError(
                 "deltaswap runs the model eagerly (its per-op plan runs in dispatch modes that "
