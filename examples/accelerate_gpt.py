@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", default=None, choices=("no", "bf16", "fp16"),
                         help="default: bf16 on CUDA, no on a CPU")
     parser.add_argument("--lr", type=float, default=None, help="default: 3e-3 for tiny, 3e-4 otherwise")
+    parser.add_argument("--clip", type=float, default=0.0,
+                        help="clip the gradients' norm to this (0: no clipping, as train_gpt.py)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -102,8 +104,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.opt
         with accelerator.accumulate(model):
             loss = model(tokens, targets)
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            if accelerator.sync_gradients and args.clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
