@@ -63,7 +63,8 @@ class SwapStrategy(SingleDeviceStrategy, ManagerViews):
     .. warning::
         On a CPU it warns once and trains without swapping (``policy="recompute"`` still recomputes).
         With manual optimization the plan covers the forward passes before the first
-        ``manual_backward`` of each ``training_step``.
+        ``manual_backward`` of each ``training_step``. The pinned host memory stays with the strategy
+        between fits (plans and pool are reused); ``trainer.strategy.manager.close()`` gives it back.
     """
 
     strategy_name = "deltaswap"
