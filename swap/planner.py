@@ -252,19 +252,17 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         copy_end.append(queue_free)
     forward_end = t + work.other_ms / 2
 
+    def in_flight(j: int, when: float) -> float:
+        """Bytes of block ``j``'s swap still on the GPU at time ``when`` (their copy not yet done)."""
+        return min(plans[j].swapped_bytes, max(0.0, (copy_end[j] - max(copy_start[j], when)) * d2h_rate))
+
     def on_device(k: int, when: float) -> float:
         """Activation bytes held after block ``k``'s forward, at time ``when``."""
-        held = work.other_bytes / 2 + sum(p.kept_bytes for p in plans[: k + 1])
-        for j in range(k + 1):
-            held += min(plans[j].swapped_bytes, max(0.0, (copy_end[j] - max(copy_start[j], when)) * d2h_rate))
-        return held
+        kept = sum(p.kept_bytes for p in plans[: k + 1])
+        return work.other_bytes / 2 + kept + sum(in_flight(j, when) for j in range(k + 1))
 
     timeline = [(0.0, 0.0)] + [(when, on_device(k, when)) for k, when in enumerate(forward_times)]
-    in_flight = [
-        min(plan.swapped_bytes, max(0.0, (end - max(begin, forward_end)) * d2h_rate))
-        for (_, plan), begin, end in zip(blocks, copy_start, copy_end, strict=True)
-    ]
-    forward_end_bytes = int(work.other_bytes + sum(plan.kept_bytes for plan in plans) + sum(in_flight))
+    forward_end_bytes = int(on_device(len(plans) - 1, forward_end) + work.other_bytes / 2)
     timeline += [(forward_end, forward_end_bytes), (forward_end, forward_end_bytes + work.head_transient)]
     # backward, timing: blocks in reverse. A swapped block's bytes are issued when the backward's progress
     # (bytes of saved tensors consumed, the head's first) is within `lookahead` of them, and must land
