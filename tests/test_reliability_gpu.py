@@ -1,8 +1,12 @@
 """Reliability on the GPU: Llama-style and ResNet-style models train exactly under every policy in
-bf16 and in fp16 with a GradScaler, and a 1000-step soak over variable sequence lengths keeps pinned
-and GPU memory flat (run with ``-s`` to see the figures). Run on the device machine."""
+bf16 and in fp16 with a GradScaler; the host never waits for the GPU in a planned step's forward or
+backward; and a 1000-step soak over variable sequence lengths keeps pinned and GPU memory flat (run
+with ``-s`` to see the figures). Run on the device machine."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from torch import nn
 from deltaswap.swap import ActivationManager, SwapConfig
 
 from gpt import GPT, GPTConfig, random_batch
-from helpers import assert_bitwise_equal
+from helpers import assert_bitwise_equal, small_cuda_gpt
 from models import Llama, ResNet
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("deterministic_cuda"),
@@ -86,3 +90,54 @@ def test_soak_1000_steps_keeps_pinned_and_gpu_memory_flat() -> None:
     assert figures[500][0] == figures[1000][0] > 0, "the pinned pool stops growing after warm-up"
     assert figures[10][1] == figures[500][1] == figures[1000][1] == 0, "nothing pinned between steps"
     assert figures[500][2] == figures[1000][2], "GPU memory flat after warm-up"
+
+
+def host_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def gpu_sleep_cycles(ms: float) -> int:
+    """How many ``torch.cuda._sleep`` cycles keep the current stream busy for about ``ms``."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return int(10_000_000 * ms / start.elapsed_time(end))
+
+
+@pytest.mark.parametrize("policy", ["swap", "recompute", "delta", "auto"])
+def test_the_host_never_waits_for_the_gpu_in_a_planned_step(policy: str) -> None:
+    """Every kind of host synchronization (stream, event, ``.item()``, pinned allocation) would make the
+    host wait for a long sleep queued on the GPU just before the forward or the backward; a plain
+    backward does not wait, so neither may deltaswap's. ``set_sync_debug_mode`` alone would miss
+    event synchronizations."""
+    model, batch = small_cuda_gpt(dropout=0.1)
+    budget = 1 if policy == "auto" else "auto"  # auto under 1 byte: swaps and recomputes
+    mgr = ActivationManager(SwapConfig(policy=policy, min_bytes=0, memory_budget=budget))
+    mgr.wrap(model)
+    sleep_ms = 300.0
+    cycles = gpu_sleep_cycles(sleep_ms)
+    losses: list[torch.Tensor] = []
+
+    def forward() -> None:
+        with mgr.step(), torch.autocast("cuda", dtype=torch.bfloat16):
+            losses.append(model(*batch))
+
+    for _ in range(3):  # profiling, the first planned step, and the re-plan after it may synchronize
+        forward()
+        losses.pop().backward()
+    torch.cuda.synchronize()
+    for _ in range(3):
+        torch.cuda._sleep(cycles)
+        forward_ms = host_ms(forward)
+        torch.cuda._sleep(cycles)
+        backward_ms = host_ms(losses.pop().backward)
+        waited_ms = host_ms(torch.cuda.synchronize)  # the control: the sleeps really held the GPU
+        assert waited_ms > sleep_ms, (waited_ms, sleep_ms)
+        assert forward_ms < sleep_ms / 3, f"the forward waited for the GPU: {forward_ms:.0f} ms"
+        assert backward_ms < sleep_ms / 3, f"the backward waited for the GPU: {backward_ms:.0f} ms"
+    if policy == "swap":
+        assert mgr.stats.engine.bytes_offloaded > 0
