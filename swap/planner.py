@@ -23,7 +23,9 @@ fastest plan that fits wins.
 
 from __future__ import annotations
 
+import collections
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -60,8 +62,9 @@ class BlockCost:
     grad_bytes: int = 0
     """Bytes of the gradients of its parameters, allocated during its backward."""
 
-    @property
+    @functools.cached_property
     def forward_ms(self) -> float:
+        """The time of its ops, summed."""
         return sum(op.ms for op in self.ops)
 
     def scaled(self, factor: float) -> BlockCost:
@@ -256,13 +259,20 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         """Bytes of block ``j``'s swap still on the GPU at time ``when`` (their copy not yet done)."""
         return min(plans[j].swapped_bytes, max(0.0, (copy_end[j] - max(copy_start[j], when)) * d2h_rate))
 
-    def on_device(k: int, when: float) -> float:
-        """Activation bytes held after block ``k``'s forward, at time ``when``."""
-        kept = sum(p.kept_bytes for p in plans[: k + 1])
-        return work.other_bytes / 2 + kept + sum(in_flight(j, when) for j in range(k + 1))
-
-    timeline = [(0.0, 0.0)] + [(when, on_device(k, when)) for k, when in enumerate(forward_times)]
-    forward_end_bytes = int(on_device(len(plans) - 1, forward_end) + work.other_bytes / 2)
+    # activation bytes held after each block's forward: the kept bytes so far and the swaps still being
+    # copied (copies finish in queue order, so those form a run of the latest swapped blocks)
+    timeline: list[tuple[float, float]] = [(0.0, 0.0)]
+    kept, copying = 0.0, collections.deque[int]()
+    for k, when in enumerate(forward_times):
+        kept += plans[k].kept_bytes
+        if plans[k].swapped_bytes:
+            copying.append(k)
+        while copying and copy_end[copying[0]] <= when:
+            copying.popleft()
+        timeline.append((when, work.other_bytes / 2 + kept + sum(in_flight(j, when) for j in copying)))
+    while copying and copy_end[copying[0]] <= forward_end:
+        copying.popleft()
+    forward_end_bytes = int(work.other_bytes + kept + sum(in_flight(j, forward_end) for j in copying))
     timeline += [(forward_end, forward_end_bytes), (forward_end, forward_end_bytes + work.head_transient)]
     # backward, timing: blocks in reverse. A swapped block's bytes are issued when the backward's progress
     # (bytes of saved tensors consumed, the head's first) is within `lookahead` of them, and must land
@@ -396,12 +406,13 @@ def plan_auto(work: Workload, budget: int, *, swap: bool = True) -> Plan:
         if simulate(work, trial).stall_ms > STALL_TOLERANCE_MS:
             break
         hidden = k + 1
+    fronts = _Frontiers(work)
     best: tuple[bool, float, list[BlockPlan]] | None = None
     for n_swap in range(hidden, -1, -1):
         plans = [swap_block(c) for c in work.blocks[:n_swap]] + keep[n_swap:]
-        plans, pred = _checkpoint_until_fits(work, plans, budget, swap_inputs=swap)
+        plans, pred = _checkpoint_until_fits(work, plans, budget, fronts, swap_inputs=swap)
         if pred.peak <= budget and swap:
-            plans, pred = _swap_inputs_and_relax(work, plans, pred, budget)
+            plans, pred = _swap_inputs_and_relax(work, plans, pred, budget, fronts)
         fits = pred.peak <= budget
         candidate = (not fits, pred.ms if fits else float(pred.peak), plans)
         if best is None or candidate[:2] < best[:2]:
@@ -410,37 +421,77 @@ def plan_auto(work: Workload, budget: int, *, swap: bool = True) -> Plan:
     return _finish(work, best[2], budget, "auto")
 
 
+class _Frontiers:
+    """Every block's checkpointed variants (:func:`frontier`), computed once per planning call."""
+
+    def __init__(self, work: Workload) -> None:
+        self.work = work
+        self._fronts: dict[int, list[BlockPlan]] = {}
+
+    def of(self, k: int) -> list[BlockPlan]:
+        front = self._fronts.get(k)
+        if front is None:
+            front = self._fronts[k] = frontier(self.work.blocks[k], self.work.min_bytes)
+        return front
+
+    def at(self, k: int, j: int, swap_input: bool) -> BlockPlan:
+        """Variant ``j`` of block ``k``, with its input swapped or kept."""
+        plan = self.of(k)[j]
+        return _input_swapped(plan, self.work.blocks[k]) if swap_input else plan
+
+    def position(self, k: int, plan: BlockPlan) -> int | None:
+        """Where ``plan`` (a checkpointed plan of block ``k``) sits on its frontier, if it does."""
+        front = self.of(k)
+        j = len(front) - 1 - len(plan.decisions)  # variant j stores len(front) - 1 - j outputs
+        return j if 0 <= j < len(front) and front[j].decisions == plan.decisions else None
+
+
+def _input_swapped(plan: BlockPlan, cost: BlockCost) -> BlockPlan:
+    """``plan`` (checkpointed, input kept) with its input swapped instead."""
+    return replace(plan, swap_input=True, kept_bytes=plan.kept_bytes - cost.input_bytes,
+                   swapped_bytes=plan.swapped_bytes + cost.input_bytes)
+
+
 def _checkpoint_until_fits(
-    work: Workload, plans: list[BlockPlan], budget: int, *, swap_inputs: bool = True
+    work: Workload, plans: list[BlockPlan], budget: int, fronts: _Frontiers, *, swap_inputs: bool = True
 ) -> tuple[list[BlockPlan], Prediction]:
     """Checkpoint the kept blocks along their frontiers, always taking the move that frees memory for
-    the least recompute time per byte (judged locally, then the plan is simulated again); if that is not
-    enough, swap the checkpointed blocks' inputs, earliest first."""
+    the least recompute time per byte (judged locally; the plan is simulated again once the moves have
+    freed as many bytes as the peak is over); if that is not enough, swap the checkpointed blocks'
+    inputs, earliest first."""
     plans = list(plans)
     pred = simulate(work, plans)
-    fronts = {k: frontier(work.blocks[k], work.min_bytes) for k in range(len(plans))
-              if plans[k].mode is BlockMode.KEEP}
-    position = dict.fromkeys(fronts, -1)  # -1: still KEEP
+
+    def cheapest(k: int, after: int) -> tuple[float, int, int] | None:
+        current, front = plans[k], fronts.of(k)
+        best = None
+        for j in range(after + 1, len(front)):
+            freed = current.kept_bytes - front[j].kept_bytes
+            if freed > 0:
+                score = (front[j].recompute_ms - current.recompute_ms) / freed
+                if best is None or score < best[0]:
+                    best = (score, k, j)
+        return best
+
+    moves = {k: cheapest(k, -1) for k in range(len(plans)) if plans[k].mode is BlockMode.KEEP}
     while pred.peak > budget:
-        best: tuple[float, int, int] | None = None
-        for k, front in fronts.items():
-            current = plans[k]
-            for j in range(position[k] + 1, len(front)):
-                freed = current.kept_bytes - front[j].kept_bytes
-                if freed > 0:
-                    score = (front[j].recompute_ms - current.recompute_ms) / freed
-                    if best is None or score < best[0]:
-                        best = (score, k, j)
-        if best is None:
+        need, freed = pred.peak - budget, 0
+        while freed < need:
+            move = min((m for m in moves.values() if m is not None), default=None)
+            if move is None:
+                break
+            _, k, j = move
+            freed += plans[k].kept_bytes - fronts.of(k)[j].kept_bytes
+            plans[k] = fronts.of(k)[j]
+            moves[k] = cheapest(k, j)
+        if not freed:
             break
-        _, k, j = best
-        plans[k], position[k] = fronts[k][j], j
         pred = simulate(work, plans)
     for k in range(len(plans) if swap_inputs else 0):
         if pred.peak <= budget:
             break
         if plans[k].mode is BlockMode.CHECKPOINT and not plans[k].swap_input:
-            trial = [*plans[:k], checkpoint_block(work.blocks[k], plans[k].decisions, True), *plans[k + 1 :]]
+            trial = [*plans[:k], _input_swapped(plans[k], work.blocks[k]), *plans[k + 1 :]]
             trial_pred = simulate(work, trial)
             if trial_pred.peak < pred.peak:
                 plans, pred = trial, trial_pred
@@ -448,7 +499,7 @@ def _checkpoint_until_fits(
 
 
 def _swap_inputs_and_relax(
-    work: Workload, plans: list[BlockPlan], pred: Prediction, budget: int
+    work: Workload, plans: list[BlockPlan], pred: Prediction, budget: int, fronts: _Frontiers
 ) -> tuple[list[BlockPlan], Prediction]:
     """Spend PCIe to buy back recompute: swap the inputs of the first ``m`` checkpointed blocks (``m`` =
     1, 2, 4, ... all), then let the checkpointed blocks store more (:func:`_relax`) in the memory that
@@ -459,53 +510,83 @@ def _swap_inputs_and_relax(
     while checkpointed and m <= len(checkpointed):
         trial = list(plans)
         for k in checkpointed[:m]:
-            trial[k] = checkpoint_block(work.blocks[k], trial[k].decisions, swap_input=True)
-        trial, trial_pred = _relax(work, trial, budget)
+            trial[k] = _input_swapped(trial[k], work.blocks[k])
+        trial, trial_pred = _relax(work, trial, budget, fronts)
         if trial_pred.peak <= budget and trial_pred.ms < best[1].ms:
             best = (trial, trial_pred)
         m = len(checkpointed) if m < len(checkpointed) <= 2 * m else 2 * m
     return best
 
 
-def _relax(work: Workload, plans: list[BlockPlan], budget: int) -> tuple[list[BlockPlan], Prediction]:
+def _relax(
+    work: Workload, plans: list[BlockPlan], budget: int, fronts: _Frontiers
+) -> tuple[list[BlockPlan], Prediction]:
     """Move checkpointed blocks back up their frontiers (store more, recompute less) while the peak
-    fits, always taking the move that saves the most recompute time per byte it adds."""
+    fits, always taking the move that saves the most recompute time per byte it adds. Moves are taken
+    while the bytes they add fit the room under the budget, then the plan is simulated again; when it
+    does not fit, the longest run of those moves that does is kept and the next move is ruled out."""
     plans = list(plans)
     pred = simulate(work, plans)
-    fronts: dict[int, list[BlockPlan]] = {}
-    position: dict[int, int] = {}
-    for k, p in enumerate(plans):
-        if p.mode is BlockMode.CHECKPOINT:
-            front = frontier(work.blocks[k], work.min_bytes)
-            j = next((j for j, f in enumerate(front) if f.decisions == p.decisions), None)
-            if j is not None:
-                fronts[k], position[k] = front, j
+    position = {k: j for k, p in enumerate(plans)
+                if p.mode is BlockMode.CHECKPOINT and (j := fronts.position(k, p)) is not None}
     rejected: set[tuple[int, int]] = set()
+
+    def richest(k: int, room: float) -> tuple[float, int, int, int] | None:
+        """Block ``k``'s best move within ``room``: (score, -k, j, bytes added)."""
+        front = fronts.of(k)
+        kept, recompute_ms = front[position[k]].kept_bytes, front[position[k]].recompute_ms
+        best = None
+        for j in range(position[k] - 1, -1, -1):
+            if (k, j) in rejected:
+                continue
+            added = front[j].kept_bytes - kept
+            saved = recompute_ms - front[j].recompute_ms
+            if saved <= 0 or added > room:
+                continue
+            score = saved / max(added, 1)
+            if best is None or score > best[0]:
+                best = (score, -k, j, added)
+        return best
+
     while True:
-        room = budget - pred.peak
-        best: tuple[float, int, int, BlockPlan] | None = None
-        for k, front in fronts.items():
-            current = plans[k]
-            for j in range(position[k] - 1, -1, -1):
-                if (k, j) in rejected:
-                    continue
-                candidate = checkpoint_block(work.blocks[k], front[j].decisions, current.swap_input)
-                added = candidate.kept_bytes - current.kept_bytes
-                saved = current.recompute_ms - candidate.recompute_ms
-                if saved <= 0 or added > room:
-                    continue
-                score = saved / max(added, 1)
-                if best is None or score > best[0]:
-                    best = (score, k, j, candidate)
-        if best is None:
+        room = float(budget - pred.peak)
+        moves = {k: richest(k, room) for k in position}
+        batch: list[tuple[int, int, BlockPlan, int]] = []  # (block, variant, plan before, position before)
+        while True:
+            move = max((m for m in moves.values() if m is not None), default=None)
+            if move is None:
+                break
+            _, minus_k, j, added = move
+            k = -minus_k
+            batch.append((k, j, plans[k], position[k]))
+            plans[k], position[k] = fronts.at(k, j, plans[k].swap_input), j
+            room -= added
+            moves = {i: (m if m is not None and m[3] <= room and i != k else richest(i, room))
+                     for i, m in moves.items()}
+        if not batch:
             return plans, pred
-        _, k, j, candidate = best
-        trial = [*plans[:k], candidate, *plans[k + 1 :]]
-        trial_pred = simulate(work, trial)
+        trial_pred = simulate(work, plans)
         if trial_pred.peak <= budget:
-            plans, pred, position[k] = trial, trial_pred, j
-        else:
-            rejected.add((k, j))
+            pred = trial_pred
+            continue
+        # the batch went over: keep its longest fitting prefix (bisection), rule out the move after it
+        for k, _, before, at in reversed(batch):
+            plans[k], position[k] = before, at
+        low, high = 0, len(batch) - 1  # a prefix of `low` moves fits (none is the current plan)
+        while low < high:
+            mid = (low + high + 1) // 2
+            trial = list(plans)
+            for k, j, before, _ in batch[:mid]:
+                trial[k] = fronts.at(k, j, before.swap_input)
+            if simulate(work, trial).peak <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        for k, j, before, _ in batch[:low]:
+            plans[k], position[k] = fronts.at(k, j, before.swap_input), j
+        pred = simulate(work, plans)
+        k, j, _, _ = batch[low]
+        rejected.add((k, j))
 
 
 UNMEASURED_SPEED = 0.25
