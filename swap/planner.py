@@ -37,6 +37,13 @@ BACKWARD_RATIO = 2.0
 """Backward time of a block over its forward time, when not measured (two matmuls per forward one)."""
 
 
+PEAK_COPY_RATE = 0.5
+"""When predicting the peak, the forward's device->host copies are taken to run at this fraction of the
+measured rate. Swapped bytes still being copied occupy the GPU, and a peak predicted too low runs out of
+memory, while one predicted too high only costs some speed: on an H100 with GPT2-XL at batch 64, a plan
+whose forward swapped 23 GiB at the measured rate ran out of memory by about 6 GiB."""
+
+
 class BlockMode(enum.Enum):
     """How a block runs."""
 
@@ -170,6 +177,9 @@ class Workload:
     of the forward's activations; measured in the profiling step."""
     other_backward_ms: float | None = None
     """Backward time outside the blocks, measured; ``None``: ``backward_ratio`` x ``other_ms``."""
+    peak_copy_rate: float = PEAK_COPY_RATE
+    """The fraction of the measured device->host rate at which the forward's copies are assumed to run
+    when predicting the peak (not the time)."""
 
     def scaled(self, factor: float) -> Workload:
         """The same step with every measured op time (and the time outside blocks) times ``factor``."""
@@ -242,22 +252,25 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     h2d_rate = max(work.bandwidth.h2d_gbps, 1e-9) * 1e6
     blocks = list(zip(work.blocks, plans, strict=True))
     # forward: each block's swapped bytes join the D2H queue when the block ends
-    t, queue_free = work.other_ms / 2, 0.0
-    copy_start, copy_end = [], []
+    t, queue_free, slow_free = work.other_ms / 2, 0.0, 0.0
+    copy_end, slow_start, slow_end = [], [], []
     slowdown = work.bandwidth.copy_slowdown
+    slow_rate = d2h_rate * work.peak_copy_rate
     forward_times = []
     for cost, plan in blocks:
         t += cost.forward_ms + slowdown * plan.swapped_bytes / d2h_rate  # kernels slowed by the copy
         forward_times.append(t)
-        begin = max(t, queue_free)
-        queue_free = begin + plan.swapped_bytes / d2h_rate
-        copy_start.append(begin)
+        queue_free = max(t, queue_free) + plan.swapped_bytes / d2h_rate
         copy_end.append(queue_free)
+        slow_start.append(max(t, slow_free))  # the same queue at the rate the peak assumes
+        slow_free = slow_start[-1] + plan.swapped_bytes / slow_rate
+        slow_end.append(slow_free)
     forward_end = t + work.other_ms / 2
 
     def in_flight(j: int, when: float) -> float:
-        """Bytes of block ``j``'s swap still on the GPU at time ``when`` (their copy not yet done)."""
-        return min(plans[j].swapped_bytes, max(0.0, (copy_end[j] - max(copy_start[j], when)) * d2h_rate))
+        """Bytes of block ``j``'s swap still on the GPU at time ``when`` (their copy not yet done), with
+        the copies at ``peak_copy_rate`` of the measured rate."""
+        return min(plans[j].swapped_bytes, max(0.0, (slow_end[j] - max(slow_start[j], when)) * slow_rate))
 
     # activation bytes held after each block's forward: the kept bytes so far and the swaps still being
     # copied (copies finish in queue order, so those form a run of the latest swapped blocks)
@@ -267,10 +280,10 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         kept += plans[k].kept_bytes
         if plans[k].swapped_bytes:
             copying.append(k)
-        while copying and copy_end[copying[0]] <= when:
+        while copying and slow_end[copying[0]] <= when:
             copying.popleft()
         timeline.append((when, work.other_bytes / 2 + kept + sum(in_flight(j, when) for j in copying)))
-    while copying and copy_end[copying[0]] <= forward_end:
+    while copying and slow_end[copying[0]] <= forward_end:
         copying.popleft()
     forward_end_bytes = int(work.other_bytes + kept + sum(in_flight(j, forward_end) for j in copying))
     timeline += [(forward_end, forward_end_bytes), (forward_end, forward_end_bytes + work.head_transient)]

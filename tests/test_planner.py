@@ -191,3 +191,15 @@ def test_copies_still_in_flight_during_the_forward_count_at_the_peak(budget_mb: 
     assert in_forward <= plan.predicted_peak
     if plan.predicted_peak <= budget_mb * MB:
         assert in_forward <= budget_mb * MB
+
+
+def test_the_peak_assumes_the_forwards_copies_run_at_a_fraction_of_the_measured_rate() -> None:
+    """The last block's swap (300 MB at 50 GB/s: 6 ms) is copied while 2 ms of the forward remain: at
+    the measured rate 200 MB are still on the GPU when the forward ends; at half that rate, 250 MB."""
+    exact = dataclasses.replace(workload(gbps=50.0, n=4), other_ms=4.0, peak_copy_rate=1.0)
+    plans = [keep_block(c) for c in exact.blocks[:3]] + [swap_block(exact.blocks[3])]
+    kept = exact.other_bytes + 3 * 300 * MB
+    assert simulate(exact, plans).forward_end_bytes == pytest.approx(kept + 200 * MB, abs=1)
+    halved = dataclasses.replace(exact, peak_copy_rate=0.5)
+    assert simulate(halved, plans).forward_end_bytes == pytest.approx(kept + 250 * MB, abs=1)
+    assert simulate(halved, plans).ms == simulate(exact, plans).ms  # the time model is unchanged
