@@ -25,6 +25,17 @@ def detach_sharing_version(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach()
 
 
+def version_watch(tensor: torch.Tensor) -> torch.Tensor:
+    """An empty tensor that shares ``tensor``'s version counter and none of its memory: its ``_version``
+    follows every in-place write to ``tensor`` (or a view of it), even after ``tensor`` is freed.
+
+    Replacing a tensor's ``.data`` keeps its version counter (PyTorch's rule for ``set_data``), and a
+    detached alias shares the counter (see :func:`detach_sharing_version`)."""
+    watch = detach_sharing_version(tensor)
+    watch.data = torch.empty(0, dtype=torch.uint8, device=tensor.device)
+    return watch
+
+
 class Origin:
     """What the in-place check needs to know about a saved tensor, captured cheaply at save time."""
 
@@ -95,13 +106,18 @@ class SwappedStorage:
         self._pool = pool
         self._counters = counters
         self.data_ptr = source.untyped_storage().data_ptr()
-        self.source: torch.Tensor | None = source
-        """The device bytes, held until the device->host copy has read them."""
-        self._watch: torch.Tensor | None = detach_sharing_version(origin)
+        self._type = origin.type()
+        self._watch: torch.Tensor | None = version_watch(origin)
+        """Shares the saved tensor's version counter (and no memory): in-place writes while the copy may
+        still be reading it are seen even after the tensor itself is gone."""
         self.modified_at: tuple[str, int] | None = None
         """``(type, version)`` if the tensor was modified in place while its copy was in flight: the host
         copy may then hold either value."""
         self.d2h: Copy = backend.copy_to_host(block.buffer, source, block.reuse_after)
+        # The device bytes go back to the allocator at once, which reuses them only once the copy has read
+        # them (and when short of memory, waits for that rather than failing). Holding them until the host
+        # sees the copy finish would keep them for as long as the host runs ahead of the GPU.
+        backend.hold_until_copied(source, to_host=True)
         self.device_bytes: torch.Tensor | None = None
         self.h2d: Copy | None = None
         self._waited = False
@@ -120,25 +136,22 @@ class SwappedStorage:
             and (begin - self.start) % elem_size == 0
         )
 
-    def _stop_watching(self) -> None:
-        watch, self._watch = self._watch, None
-        if watch is not None and watch._version != self.version:
-            self.modified_at = (watch.type(), watch._version)
+    def watch(self) -> None:
+        """Note an in-place write to the tensor seen now, while its copy may still be reading it."""
+        watch = self._watch
+        if watch is not None and self.modified_at is None and watch._version != self.version:
+            self.modified_at = (self._type, watch._version)
 
-    def release_source_if_copied(self) -> bool:
-        """Drop the device bytes if their copy to host has finished. Returns whether they are gone."""
-        if self.source is not None and self._backend.is_done(self.d2h):
-            self._stop_watching()
-            self.source = None
-        return self.source is None
+    def finish_if_copied(self) -> bool:
+        """Stop watching once the copy to host has finished. Returns whether it has."""
+        if self._watch is not None and self._backend.is_done(self.d2h):
+            self.stop_watching()
+        return self._watch is None
 
-    def hand_source_to_allocator(self) -> None:
-        """Drop the device bytes now; the allocator reuses them only after the copy stream read them.
-        An in-place write seen until now marks the copy as modified."""
-        self._stop_watching()
-        if self.source is not None:
-            self._backend.hold_until_copied(self.source, to_host=True)
-            self.source = None
+    def stop_watching(self) -> None:
+        """A last look for an in-place write (the forward pass is over, or the copy is done)."""
+        self.watch()
+        self._watch = None
 
     def prefetch(self) -> None:
         """Start the host->device copy (once)."""
@@ -164,7 +177,7 @@ class SwappedStorage:
 
     def __del__(self) -> None:
         try:
-            self.hand_source_to_allocator()
+            self._watch = None
             if self.device_bytes is not None and not self._waited:
                 # Prefetched but never used: the memory must not be reused before the copy into it has
                 # finished, whichever thread and stream drop it.

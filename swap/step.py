@@ -138,21 +138,27 @@ class OffloadStep:
         return KeptTensor(tensor, position)
 
     def _reap(self) -> None:
-        """Release the device memory of every storage whose copy to host has finished (in stream order)."""
+        """Stop watching the storages whose copy to host has finished (in stream order), and look for
+        in-place writes to those still being copied. (Their device bytes are already the allocator's:
+        see :class:`~deltaswap.swap.saved.SwappedStorage`.)"""
         while self._inflight:
             host = self._inflight[0]()
-            if host is not None and not host.release_source_if_copied():
-                return
+            if host is not None and not host.finish_if_copied():
+                break
             self._inflight.popleft()
+        for ref in self._inflight:
+            host = ref()
+            if host is not None:
+                host.watch()
 
     def close_forward(self) -> None:
-        """The forward pass is over: hand tensors still being copied to the allocator, record how many."""
+        """The forward pass is over: a last look at the storages still being copied; count their bytes."""
         self._reap()
         for ref in self._inflight:
             host = ref()
-            if host is not None and host.source is not None:
+            if host is not None:
                 self.counters.inflight_bytes_at_exit += host.nbytes
-                host.hand_source_to_allocator()
+                host.stop_watching()
         self._inflight.clear()
         self._by_storage.clear()
         self._buffer_ptrs.clear()

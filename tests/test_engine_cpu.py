@@ -483,3 +483,55 @@ def test_finished_copies_free_their_device_memory_while_later_tensors_are_kept()
     loss.backward()
     assert off.stats.tensors_offloaded >= 3
     assert released_in_forward == [True, True, True]
+
+
+class PendingCopyBackend(SyncCopyBackend):
+    """Copies that the host never sees finish during the forward (a GPU far behind the host), and a
+    record of the tensors handed to the allocator until their copy has read them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[StorageWeakRef] = []
+
+    def is_done(self, copy: object) -> bool:
+        return False
+
+    def hold_until_copied(self, tensor: torch.Tensor, *, to_host: bool) -> None:
+        self.held.append(StorageWeakRef(tensor.untyped_storage()))
+
+
+def test_the_engine_holds_no_device_memory_while_the_host_runs_ahead_of_its_copies() -> None:
+    """With the GPU behind the host, a copy's end is seen late. The engine must not hold the device
+    bytes until then (they would pile up by as much as the host runs ahead): it hands them to the
+    allocator, which reuses them only after the copy stream read them."""
+    lin = nn.Linear(256, 256)
+    backend = PendingCopyBackend()
+    off = ActivationOffloader(ALL, backend=backend)
+    refs: list[StorageWeakRef] = []
+    with off:
+        h = torch.randn(64, 256)
+        for _ in range(3):
+            h = torch.tanh(lin(h))  # tanh saves its result: swapped
+            refs.append(StorageWeakRef(h.untyped_storage()))
+        h = h * 2
+        gc.collect()
+        released = [r.expired() for r in refs]
+        loss = h.sum()
+    assert released == [True, True, True]
+    held = {r.cdata for r in backend.held}
+    assert all(r.cdata in held for r in refs), "each was handed to the allocator with its copy pending"
+    assert off.stats.inflight_bytes_at_exit >= 3 * 64 * 256 * 4
+    loss.backward()
+
+
+def test_an_inplace_write_after_the_tensor_is_gone_is_still_seen_while_its_copy_is_pending() -> None:
+    """The version watch holds no memory, yet sees a write made just before the tensor was freed."""
+    lin = nn.Linear(256, 256)
+    off = ActivationOffloader(ALL, backend=PendingCopyBackend())
+    with off:
+        h = torch.tanh(lin(torch.randn(64, 256)))  # saved by tanh, swapped, copy pending
+        loss = (h * 3).sum()
+        h.mul_(2)
+        del h
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
