@@ -2,6 +2,8 @@
 
 - :class:`SwapStrategy`: Lightning's single-device strategy with every training forward under the plan.
   Importing this package registers it as ``Trainer(strategy="deltaswap")``.
+- :class:`SwapDDPStrategy`: the same on Lightning's DDP, every rank on one agreed plan:
+  ``Trainer(strategy="deltaswap_ddp", devices=N)``.
 - :class:`DeltaSwapPlugin`: the same beside a 🤗 Accelerate ``Accelerator``:
   ``model = plugin.prepare(model)``.
 
@@ -16,7 +18,9 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from .accelerate import DeltaSwapPlugin
 from .lightning import SwapStrategy
+from .lightning_ddp import SwapDDPStrategy
 
 SwapStrategy.register_strategies(StrategyRegistry)
+SwapDDPStrategy.register_strategies(StrategyRegistry)
 
-__all__ = ["DeltaSwapPlugin", "SwapStrategy"]
+__all__ = ["DeltaSwapPlugin", "SwapDDPStrategy", "SwapStrategy"]

@@ -33,7 +33,51 @@ def swap_config(memory_budget: int | float | str, policy: str, options: dict[str
     return SwapConfig(memory_budget=memory_budget, policy=policy, **options)
 
 
-class SwapStrategy(SingleDeviceStrategy, ManagerViews):
+class PlannedTraining(ManagerViews):
+    """What the deltaswap Lightning strategies share: the blocks wrapped once at setup (unwrapped at
+    teardown), every ``training_step`` run under the plan, and under manual optimization the planned
+    forward closed at the first ``backward``. Mixed in before a Lightning strategy class."""
+
+    swap_config: SwapConfig
+    _open_step: contextlib.ExitStack | None = None
+
+    def _new_manager(self) -> ActivationManager:
+        """The manager for this strategy's device (and ranks)."""
+        raise NotImplementedError
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        if self._manager is None:
+            self._manager = self._new_manager()
+        self._manager.wrap(self.lightning_module)  # type: ignore[attr-defined]  # before the optimizers exist
+        super().setup(trainer)  # type: ignore[misc]
+
+    @override
+    def teardown(self) -> None:
+        if self._manager is not None:
+            self._manager.unwrap()
+        super().teardown()  # type: ignore[misc]
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self._manager is not None, f"{type(self).__name__}.training_step before setup"
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._manager.step())
+            self._open_step = stack
+            try:
+                return super().training_step(*args, **kwargs)  # type: ignore[misc]
+            finally:
+                self._open_step = None
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._open_step is not None:  # manual optimization: the forward under the plan ends here
+            stack, self._open_step = self._open_step, None
+            stack.close()
+        return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
+
+
+class SwapStrategy(PlannedTraining, SingleDeviceStrategy):
     """Train on one device with activations kept, swapped to pinned host memory or recomputed, per
     saved tensor, so that they fit ``memory_budget`` at the least measured cost.
 
@@ -106,38 +150,8 @@ class SwapStrategy(SingleDeviceStrategy, ManagerViews):
             )
         super().setup_environment()
 
-    # -- setup and teardown ---------------------------------------------------------------------------
-    @override
-    def setup(self, trainer: Trainer) -> None:
-        if self._manager is None:
-            self._manager = ActivationManager(self.swap_config, device=self.root_device)
-        self._manager.wrap(self.lightning_module)  # before the optimizers exist; nothing if done already
-        super().setup(trainer)
-
-    @override
-    def teardown(self) -> None:
-        if self._manager is not None:
-            self._manager.unwrap()
-        super().teardown()
-
-    # -- steps ----------------------------------------------------------------------------------------
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        assert self._manager is not None, "SwapStrategy.training_step before setup"
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self._manager.step())
-            self._open_step = stack
-            try:
-                return super().training_step(*args, **kwargs)
-            finally:
-                self._open_step = None
-
-    @override
-    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._open_step is not None:  # manual optimization: the forward under the plan ends here
-            stack, self._open_step = self._open_step, None
-            stack.close()
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
+    def _new_manager(self) -> ActivationManager:
+        return ActivationManager(self.swap_config, device=self.root_device)
 
     # -- registration ---------------------------------------------------------------------------------
     @classmethod

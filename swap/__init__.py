@@ -19,6 +19,7 @@ from .offloader import ActivationOffloader, offload_activations
 from .planner import Plan
 from .pool import HostMemoryError, PinnedPool
 from .profile import Bandwidth, OpProfiler, OpRecord, measure_bandwidth
+from .ranks import HostRamShare, RankAgreement
 from .recompute import LocalStore, OpDecision, OpPolicy, checkpoint_with_policy
 from .stats import OffloadStats
 
@@ -30,6 +31,7 @@ __all__ = [
     "CopyBackend",
     "CudaCopyBackend",
     "HostMemoryError",
+    "HostRamShare",
     "LocalStore",
     "ManagerStats",
     "OffloadConfig",
@@ -40,6 +42,7 @@ __all__ = [
     "OpRecord",
     "PinnedPool",
     "Plan",
+    "RankAgreement",
     "SwapConfig",
     "SyncCopyBackend",
     "checkpoint_with_policy",

@@ -45,6 +45,7 @@ from .planner import (
 )
 from .pool import HostMemoryError, available_host_bytes
 from .profile import Bandwidth, OpProfiler, measure_bandwidth
+from .ranks import RankAgreement
 from .recompute import LocalStore, OpDecision, _Frame, _RecordingMode, checkpoint_all, checkpoint_with_policy
 from .stats import OffloadStats
 
@@ -136,6 +137,10 @@ class ActivationManager:
             swapped and only recompute is planned).
         device: the device the model trains on (default: that of the model's first parameter when the
             first step begins). A CPU device swaps nothing (one warning) and plans only recompute.
+        host_memory_available: the host RAM this process may pin (default: psutil's available RAM;
+            :class:`~deltaswap.swap.ranks.HostRamShare` divides it between the ranks of a host).
+        ranks: with several processes training one model, makes them plan from the same numbers
+            (:class:`~deltaswap.swap.ranks.RankAgreement`), so that every rank runs the same plan.
 
     Example::
 
@@ -160,9 +165,11 @@ class ActivationManager:
         backend: CopyBackend | None = None,
         device: torch.device | str | int | None = None,
         host_memory_available: Callable[[], int] = available_host_bytes,
+        ranks: RankAgreement | None = None,
     ) -> None:
         self.config = config if config is not None else SwapConfig()
         self._host_memory_available = host_memory_available
+        self._ranks = ranks
         self._offloader = ActivationOffloader(
             self.config.offload_config(), backend=backend, device=device,
             host_memory_available=host_memory_available,
@@ -557,6 +564,9 @@ class ActivationManager:
     def _store_plan(self, key: tuple[Any, ...], work: Workload, *, warn: bool = True) -> None:
         manual = self._manual.get(key)
         budget = self._budget()
+        if self._ranks is not None:  # every rank plans from the same numbers, so all get the same plan
+            budget = self._ranks.budget(budget)
+            work = self._ranks.workload(work)
         if manual is not None:
             plan = plan_manual(work, manual, budget)
         elif self.config.policy == "auto" and key not in self._observed:
@@ -597,7 +607,10 @@ class ActivationManager:
             return plan
         reserve = int(self.config.offload_config().host_ram_reserve)  # type: ignore[arg-type]
         room = max(0, self._host_memory_available() - reserve) + self._offloader.pinned_bytes_reserved
-        if swapped <= room:
+        fits = swapped <= room
+        if self._ranks is not None:
+            fits = self._ranks.all(fits)  # one rank short of host RAM: all ranks take the same fallback
+        if fits:
             return plan
         local = plan_auto(work, budget, swap=False) if self.config.policy == "auto" else None
         if local is not None and local.predicted_peak <= budget:
@@ -647,8 +660,12 @@ class ActivationManager:
         the measured op times if they differ by more than 5%, and plan once more (the first plan was
         made before any step measured the forward's speed: see :func:`~deltaswap.swap.planner.plan_first`)."""
         plan, marks, key = self._step_plan, self._step_marks, self._key
-        if (plan is None or marks is None or not self._step_clean or key in self._observed
-                or key not in self._works):
+        if plan is None or marks is None or key in self._observed or key not in self._works:
+            return
+        clean = self._step_clean
+        if self._ranks is not None:
+            clean = self._ranks.all(clean)  # re-plan on every rank in the same step, or on none
+        if not clean:
             return
         self._observed.add(key)
         work, profile, end = self._works[key]

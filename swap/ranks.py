@@ -1,0 +1,145 @@
+"""Several processes training one model (DDP, FSDP): every rank plans from the same measurements, and
+the ranks of one host split its RAM for pinned memory.
+
+A plan never changes the gradients, but ranks that plan differently run at different speeds and peaks,
+and the slowest sets the pace of every all-reduce. So each rank measures (its profile, its PCIe link),
+then the ranks agree on one workload: the slowest op times, the largest tensors, the slowest link. Each
+plans from that, deterministically, and all get the same plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .planner import BlockCost, Workload
+from .pool import available_host_bytes
+from .profile import Bandwidth
+
+
+class HostRamShare:
+    """The host RAM one of ``ranks`` processes on this host may pin: what psutil reports available,
+    divided by ``ranks``. Pass it as ``host_memory_available`` to
+    :class:`~deltaswap.swap.ActivationManager`.
+
+    Example::
+
+        >>> share = HostRamShare(ranks=2)
+        >>> share() <= available_host_bytes() // 2 + 1
+        True
+    """
+
+    def __init__(self, ranks: int, available: Callable[[], int] = available_host_bytes) -> None:
+        if ranks < 1:
+            raise ValueError(f"ranks={ranks}: the number of processes on this host must be at least 1")
+        self.ranks = ranks
+        self._available = available
+
+    def __call__(self) -> int:
+        return self._available() // self.ranks
+
+
+class RankAgreement:
+    """Makes the ranks of a process group agree before each of them plans.
+
+    Use it with :class:`~deltaswap.swap.ActivationManager` (``ranks=RankAgreement()``) once
+    ``torch.distributed`` is initialized; the Lightning strategy ``"deltaswap_ddp"`` does this. Every
+    call is a collective: all ranks must make it at the same point, which the manager does (when a
+    profile is planned, and once after the first planned step of each input shape).
+
+    Args:
+        group: the process group (default: the world).
+
+    .. warning::
+        Every rank must profile the same input shapes in the same steps (pad or bucket variable-length
+        batches the same way on every rank); a rank whose blocks ran other ops is refused with an error.
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+
+    # -- collectives ----------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        backend = dist.get_backend(self.group)
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    def _max(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return tensor.tolist()
+
+    def all(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank."""
+        return self._max([0.0 if flag else 1.0])[0] == 0.0
+
+    def budget(self, budget: int) -> int:
+        """The smallest rank's activation budget (ranks may hold different amounts outside activations)."""
+        return int(-self._max([-float(budget)])[0])
+
+    def workload(self, work: Workload) -> Workload:
+        """``work`` as every rank agrees on it: each op's time and bytes the largest of any rank's, the
+        link the slowest of any rank's.
+
+        Raises:
+            RuntimeError: if the ranks profiled different ops (different models or input shapes).
+        """
+        digest = _structure(work)
+        low, high = self._max([-digest]), self._max([digest])
+        if -low[0] != high[0]:
+            raise RuntimeError(
+                "deltaswap: the ranks profiled different blocks or ops (another model, or another input "
+                "shape in the same step). Every rank must run the same model on batches of the same shape "
+                "in each step: pad or bucket variable-length batches the same way on every rank."
+            )
+        values = _flatten(work)
+        agreed = self._max(values)
+        return _unflatten(work, agreed)
+
+
+# Fields agreed by their largest value (times, bytes); the link's rates by their smallest (negated).
+_WORK_FIELDS = ("other_bytes", "other_ms", "peak_offset", "other_grad_bytes", "head_transient",
+                "backward_ratio", "lookahead")
+
+
+def _structure(work: Workload) -> float:
+    """A number identifying the blocks and ops of ``work`` (equal on ranks that ran the same ops)."""
+    text = "|".join(",".join(f"{op.op}:{op.storable}" for op in b.ops) for b in work.blocks)
+    return float(int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big"))
+
+
+def _flatten(work: Workload) -> list[float]:
+    values: list[float] = []
+    for b in work.blocks:
+        values += [float(b.input_bytes), float(b.saved_bytes), float(b.grad_bytes)]
+        for op in b.ops:
+            values += [op.ms, float(op.out_bytes)]
+    values += [float(getattr(work, name)) for name in _WORK_FIELDS]
+    values.append(-1.0 if work.other_backward_ms is None else work.other_backward_ms)
+    bw = work.bandwidth
+    values += [-bw.d2h_gbps, -bw.h2d_gbps, -bw.duplex_gbps, bw.copy_slowdown]
+    return values
+
+
+def _unflatten(work: Workload, values: list[float]) -> Workload:
+    it = iter(values)
+    blocks = []
+    for b in work.blocks:
+        input_bytes, saved_bytes, grad_bytes = (int(next(it)) for _ in range(3))
+        ops = tuple(replace(op, ms=next(it), out_bytes=int(next(it))) for op in b.ops)
+        blocks.append(BlockCost(ops, input_bytes, saved_bytes, grad_bytes))
+    fields: dict[str, Any] = {}
+    for name in _WORK_FIELDS:
+        value = next(it)
+        fields[name] = value if isinstance(getattr(work, name), float) else int(value)
+    other_backward = next(it)
+    d2h, h2d, duplex, slowdown = (next(it) for _ in range(4))
+    return replace(
+        work, blocks=tuple(blocks), **fields,
+        other_backward_ms=None if other_backward < 0 else other_backward,
+        bandwidth=Bandwidth(-d2h, -h2d, -duplex, slowdown),
+    )

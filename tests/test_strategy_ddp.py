@@ -1,0 +1,103 @@
+"""The DDP strategy on two CPU processes (gloo): it trains, gives plain DDP's weights, and every rank
+runs the same plan; the rank agreement and the host-RAM share on their own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning.pytorch.strategies import StrategyRegistry
+
+import deltaswap.strategy
+from deltaswap.swap import HostRamShare, RankAgreement, SwapConfig
+from deltaswap.swap.planner import BlockCost, Workload
+from deltaswap.swap.profile import Bandwidth, OpRecord
+
+from helpers import MB
+
+SCRIPT = Path(__file__).parent / "ddp_fit.py"
+
+
+def run_ddp(strategy: str, out: Path, *budget: str) -> dict[str, torch.Tensor]:
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    result = subprocess.run([sys.executable, str(SCRIPT), strategy, str(out), *budget], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out / "weights.pt")
+
+
+def test_deltaswap_ddp_trains_on_two_cpu_processes_like_plain_ddp(tmp_path: Path) -> None:
+    plain = run_ddp("ddp", tmp_path / "plain")
+    ours = run_ddp("deltaswap_ddp", tmp_path / "ours", "64KiB")  # a budget that makes auto recompute
+    assert plain.keys() == ours.keys()
+    for name in plain:
+        assert torch.equal(plain[name], ours[name]), name
+    plans = [(tmp_path / "ours" / f"plan_rank{r}.txt").read_text() for r in (0, 1)]
+    assert plans[0] == plans[1], "every rank runs the same plan"
+    assert "checkpoint" in plans[0], "the budget made the plan recompute"
+
+
+def test_deltaswap_ddp_is_registered_and_splits_its_options() -> None:
+    assert "deltaswap_ddp" in StrategyRegistry
+    strategy = deltaswap.strategy.SwapDDPStrategy(memory_budget="8GiB", min_bytes=0,
+                                                   find_unused_parameters=True)
+    assert strategy.swap_config == SwapConfig(memory_budget="8GiB", min_bytes=0)
+    assert strategy._ddp_kwargs == {"find_unused_parameters": True}
+    with pytest.raises(ValueError, match="memory_budget"):
+        deltaswap.strategy.SwapDDPStrategy(memory_budget="eight gigs")
+
+
+def test_host_ram_share_divides_the_available_ram_between_the_ranks_of_a_host() -> None:
+    assert HostRamShare(4, available=lambda: 64 << 30)() == 16 << 30
+    with pytest.raises(ValueError, match="ranks=0"):
+        HostRamShare(0)
+
+
+def work(ms: float, out_mb: int, gbps: float, first_op: str = "aten.mm.default") -> Workload:
+    ops = (OpRecord(0, first_op, out_mb * MB, ms, True), OpRecord(1, "aten.gelu.default", MB, 0.1, True))
+    block = BlockCost(ops, input_bytes=4 * MB, saved_bytes=(out_mb + 1) * MB)
+    return Workload(blocks=(block, block), other_bytes=MB, other_ms=1.0,
+                    bandwidth=Bandwidth(gbps, gbps, 2 * gbps))
+
+
+def _agree(rank: int, works: list[Workload], init: str, out: str) -> None:
+    """One rank of a two-process gloo group: agree on its workload, save the result (or the error)."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(works))
+    try:
+        agreement = RankAgreement()
+        result: object = (agreement.workload(works[rank]), agreement.budget(1000 + rank),
+                          agreement.all(rank == 0), agreement.all(True))
+    except RuntimeError as err:
+        result = str(err)
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, f"{out}/rank{rank}.pt")
+
+
+def agree(works: list[Workload], tmp_path: Path) -> list[object]:
+    mp.spawn(_agree, args=(works, f"file://{tmp_path}/init", str(tmp_path)), nprocs=len(works))
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(len(works))]
+
+
+def test_ranks_agree_on_the_slowest_ops_the_largest_tensors_and_the_slowest_link(tmp_path: Path) -> None:
+    ranks = agree([work(1.0, 8, 50.0), work(2.0, 4, 20.0)], tmp_path)
+    (a, budget_a, some, every), (b, budget_b, _, _) = ranks
+    assert a == b
+    assert [op.ms for op in a.blocks[0].ops] == [2.0, 0.1]
+    assert a.blocks[0].ops[0].out_bytes == 8 * MB
+    assert a.blocks[0].saved_bytes == 9 * MB
+    assert a.bandwidth == Bandwidth(20.0, 20.0, 40.0)
+    assert budget_a == budget_b == 1000, "the smallest budget"
+    assert (some, every) == (False, True)
+
+
+def test_ranks_that_profiled_different_ops_are_refused(tmp_path: Path) -> None:
+    results = agree([work(1.0, 8, 50.0), work(1.0, 8, 50.0, first_op="aten.bmm.default")], tmp_path)
+    assert all(isinstance(r, str) and "same shape" in r for r in results), results
