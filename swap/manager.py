@@ -43,7 +43,7 @@ from .planner import (
     profiling_plans,
     simulate,
 )
-from .pool import HostMemoryError, available_host_bytes
+from .pool import HostMemoryError, available_host_bytes, share_note
 from .profile import Bandwidth, OpProfiler, measure_bandwidth
 from .ranks import RankAgreement
 from .recompute import LocalStore, OpDecision, _Frame, _RecordingMode, checkpoint_all, checkpoint_with_policy
@@ -616,7 +616,8 @@ class ActivationManager:
         if local is not None and local.predicted_peak <= budget:
             warnings.warn(
                 f"deltaswap: the plan would swap {format_bytes(swapped)} to host memory per step, but only "
-                f"{format_bytes(room)} of host RAM is free beyond host_ram_reserve; training recomputes "
+                f"{format_bytes(room)} of host RAM is free beyond host_ram_reserve"
+                f"{share_note(self._host_memory_available)}; training recomputes "
                 f"instead (slower). Free host RAM, or lower host_ram_reserve, to let it swap.",
                 RuntimeWarning,
                 stacklevel=4,
@@ -625,7 +626,8 @@ class ActivationManager:
         raise HostMemoryError(
             f"deltaswap: the plan for this input shape swaps {format_bytes(swapped)} to host memory per "
             f"step, but only {format_bytes(room)} of host RAM is free beyond host_ram_reserve "
-            f"({format_bytes(reserve)}), and without swapping the activations need more than the budget "
+            f"({format_bytes(reserve)}){share_note(self._host_memory_available)}, and without swapping "
+            f"the activations need more than the budget "
             f"of {format_budget(budget)}. Lower the batch size, raise memory_budget, or free host RAM."
         )
 

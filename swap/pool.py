@@ -28,6 +28,12 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def share_note(available: Callable[[], int]) -> str:
+    """`` (...)`` naming the split when ``available`` is one rank's share of its host's RAM, else ``""``."""
+    ranks = getattr(available, "ranks", 1)
+    return f" (this rank's share: the host's available RAM divided by its {ranks} ranks)" if ranks > 1 else ""
+
+
 def available_host_bytes() -> int:
     """Host RAM available to new allocations, as psutil reports it."""
     return int(psutil.virtual_memory().available)
@@ -121,7 +127,8 @@ class PinnedPool:
             raise HostMemoryError(
                 f"deltaswap needs {format_bytes(nbytes)} more pinned host memory (pool so far: "
                 f"{format_bytes(self.capacity)}), but only {format_bytes(available)} of host RAM is "
-                f"available and {format_bytes(self._reserve)} must stay free (host_ram_reserve). Lower "
+                f"available{share_note(self._available)} and {format_bytes(self._reserve)} must stay free "
+                f"(host_ram_reserve). Lower "
                 f"the batch size, swap fewer tensors (raise min_bytes), set pinned_bytes to a size that "
                 f"fits, or free host memory."
             )

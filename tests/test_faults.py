@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from deltaswap.swap import ActivationManager, HostMemoryError, SwapConfig, SyncCopyBackend
+from deltaswap.swap import ActivationManager, HostMemoryError, HostRamShare, SwapConfig, SyncCopyBackend
 from deltaswap.swap.planner import BlockMode
 
 GiB = 1 << 30
@@ -110,6 +110,19 @@ def test_too_little_host_ram_for_a_swap_policy_is_an_error_with_the_sizes() -> N
     mgr.wrap(model)
     step(mgr, model, 64)  # profiling
     with pytest.raises(HostMemoryError, match=r"swaps .* to host memory per step, but only 1.00 KiB"):
+        step(mgr, model, 64)
+
+
+def test_a_ranks_share_of_host_ram_is_what_it_may_pin_and_the_error_says_so() -> None:
+    """Two ranks on a host with 4 GiB + 2 KiB available: each may pin half, 1 KiB beyond the reserve."""
+    torch.manual_seed(0)
+    model = Net()
+    share = HostRamShare(2, available=lambda: 4 * GiB + 2048)
+    mgr = ActivationManager(SwapConfig(min_bytes=0, policy="swap", bandwidth_gbps=50.0),
+                            backend=SyncCopyBackend(), host_memory_available=share)
+    mgr.wrap(model)
+    step(mgr, model, 64)  # profiling
+    with pytest.raises(HostMemoryError, match=r"only 1.00 KiB .*divided by its 2 ranks"):
         step(mgr, model, 64)
 
 
