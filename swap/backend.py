@@ -61,7 +61,12 @@ class CopyBackend(Protocol):
     def hold_until_copied(self, tensor: torch.Tensor, *, to_host: bool) -> None:
         """Keep ``tensor``'s device memory from being reused before every copy issued so far on the
         device->host (``to_host``) or host->device stream has finished with it, whichever thread or
-        stream frees it."""
+        stream frees it.
+
+        .. warning::
+            The engine drops its own reference to a swapped tensor's device bytes as soon as the copy
+            is queued: this is what keeps the copy from reading memory already reused. A backend whose
+            copies run asynchronously must implement it (``record_stream`` on CUDA)."""
         ...
 
 

@@ -181,6 +181,11 @@ class Workload:
     """The fraction of the measured device->host rate at which the forward's copies are assumed to run
     when predicting the peak (not the time)."""
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.peak_copy_rate <= 1.0:
+            raise ValueError(f"peak_copy_rate={self.peak_copy_rate} must be in (0, 1]: the fraction of the "
+                             f"measured device->host rate the peak assumes")
+
     def scaled(self, factor: float) -> Workload:
         """The same step with every measured op time (and the time outside blocks) times ``factor``."""
         blocks = tuple(b.scaled(factor) for b in self.blocks)

@@ -138,18 +138,15 @@ class OffloadStep:
         return KeptTensor(tensor, position)
 
     def _reap(self) -> None:
-        """Stop watching the storages whose copy to host has finished (in stream order), and look for
-        in-place writes to those still being copied. (Their device bytes are already the allocator's:
-        see :class:`~deltaswap.swap.saved.SwappedStorage`.)"""
+        """Stop watching the storages whose copy to host has finished (in stream order), after a last look
+        for in-place writes. Those still being copied need no look now: version counters only grow, and
+        their last look (here, or when the forward ends) sees any write made before it. (Their device bytes
+        are already the allocator's: see :class:`~deltaswap.swap.saved.SwappedStorage`.)"""
         while self._inflight:
             host = self._inflight[0]()
             if host is not None and not host.finish_if_copied():
                 break
             self._inflight.popleft()
-        for ref in self._inflight:
-            host = ref()
-            if host is not None:
-                host.watch()
 
     def close_forward(self) -> None:
         """The forward pass is over: a last look at the storages still being copied; count their bytes."""
