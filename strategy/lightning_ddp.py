@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from deltaswap.swap import ActivationManager, HostRamShare, RankAgreement, SwapConfig
@@ -58,8 +60,16 @@ class SwapDDPStrategy(PlannedTraining, DDPStrategy):
     ) -> None:
         names = {f.name for f in fields(SwapConfig)}
         ours = {k: v for k, v in options.items() if k in names}
+        theirs = {k: v for k, v in options.items() if k not in names}
+        ddp_names = {*inspect.signature(DDPStrategy.__init__).parameters,
+                     *inspect.signature(DistributedDataParallel.__init__).parameters} - {"self", "kwargs"}
+        unknown = sorted(set(theirs) - ddp_names)
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}: SwapDDPStrategy takes the fields of "
+                            f"SwapConfig ({', '.join(sorted(names))}) and the keywords of Lightning's "
+                            f"DDPStrategy and of DistributedDataParallel")
         self.swap_config = swap_config(memory_budget, policy, ours)
-        super().__init__(**{k: v for k, v in options.items() if k not in names})
+        super().__init__(**theirs)
         self._manager: ActivationManager | None = None
         self._open_step: contextlib.ExitStack | None = None
 

@@ -323,6 +323,9 @@ class ActivationManager:
         budget = self.config.memory_budget
         if param is not None and param.device.type == "cuda" and isinstance(budget, int):
             check_budget_fits(budget, torch.cuda.get_device_properties(param.device).total_memory)
+        if self._ranks is not None and self._key:
+            # every rank must plan in the same steps: refuse ranks whose last steps differed in shape
+            self._ranks.same_step(self._key, self._pending is not None)
         self._finish_profiling()
         self._finish_late_profiles()
         self._observe()
@@ -366,15 +369,20 @@ class ActivationManager:
     # -- results ------------------------------------------------------------------------------------
     @property
     def plan(self) -> Plan | None:
-        """The plan of the last input shape (``None`` until a profiling step has finished)."""
-        self._finish_profiling()
+        """The plan of the last input shape (``None`` until a profiling step has finished). With
+        ``ranks``, plans are made only at the start of a step (planning is collective), so a profiling
+        step's plan shows from the next step on."""
+        if self._ranks is None:
+            self._finish_profiling()
         return self._plan
 
     @property
     def workload(self) -> Workload | None:
         """What the plan of the last input shape was made from: the measured (and calibrated) cost of
-        every block call, the bandwidth, and the memory outside the blocks. ``None`` before profiling."""
-        self._finish_profiling()
+        every block call, the bandwidth, and the memory outside the blocks. ``None`` before profiling
+        (with ``ranks``: before the step after it)."""
+        if self._ranks is None:
+            self._finish_profiling()
         return self._calibrated.get(self._key)
 
     def use_plan(self, blocks: Sequence[BlockPlan] | None) -> Plan:
@@ -382,6 +390,7 @@ class ActivationManager:
         ``None`` goes back to the policy. Returns the plan with its prediction.
 
         Use it to compare plans by measurement (the benchmark's grid does), or to pin a plan you know.
+        With ``ranks`` it is collective: call it on every rank, between the same two steps.
         Build the blocks from :attr:`workload` with :func:`~deltaswap.swap.planner.keep_block`,
         :func:`~deltaswap.swap.planner.swap_block` and :func:`~deltaswap.swap.planner.checkpoint_block`.
 

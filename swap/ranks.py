@@ -49,8 +49,10 @@ class RankAgreement:
 
     Use it with :class:`~deltaswap.swap.ActivationManager` (``ranks=RankAgreement()``) once
     ``torch.distributed`` is initialized; the Lightning strategy ``"deltaswap_ddp"`` does this. Every
-    call is a collective: all ranks must make it at the same point, which the manager does (when a
-    profile is planned, and once after the first planned step of each input shape).
+    call is a collective: all ranks must make it at the same point, which the manager does (a check of
+    the last step's shape at the start of every step, then the planning of a new profile, and once
+    after the first planned step of each input shape). The collectives run on the host, over the group
+    itself if it is gloo, else over a gloo group made at the first one (no CUDA stream waits for them).
 
     Args:
         group: the process group (default: the world).
@@ -62,16 +64,35 @@ class RankAgreement:
 
     def __init__(self, group: Any = None) -> None:
         self.group = group
+        self._host_group: Any = None
 
     # -- collectives ----------------------------------------------------------------------------------
-    def _device(self) -> torch.device:
-        backend = dist.get_backend(self.group)
-        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
     def _max(self, values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        """Element-wise maximum over the ranks, on the host (a gloo group), so that no GPU stream waits."""
+        if self._host_group is None:  # the first collective: every rank is here
+            gloo = dist.get_backend(self.group) == "gloo"
+            self._host_group = self.group if gloo else dist.new_group(backend="gloo")
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._host_group)
         return tensor.tolist()
+
+    def same_step(self, key: tuple[Any, ...], planning: bool) -> None:
+        """Check, at the start of a step, that every rank's last step ran the same input shape and that
+        all of them (or none) have a new plan to make; made every step, it keeps the planning
+        collectives matched.
+
+        Raises:
+            RuntimeError: on every rank, if they differ.
+        """
+        digest = _digest(repr(key))
+        flag = 1.0 if planning else 0.0
+        high = self._max([digest, -digest, flag, -flag])
+        if high[0] != -high[1] or high[2] != -high[3]:
+            raise RuntimeError(
+                "deltaswap: the ranks ran batches of different shapes in the same step. Every rank must "
+                "run the same model on batches of the same shape in each step: pad or bucket "
+                "variable-length batches the same way on every rank."
+            )
 
     def all(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank."""
@@ -104,12 +125,17 @@ class RankAgreement:
 # Fields agreed by their largest value (times, bytes); the link's rates by their smallest (negated).
 _WORK_FIELDS = ("other_bytes", "other_ms", "peak_offset", "other_grad_bytes", "head_transient",
                 "backward_ratio", "lookahead")
+_FLOAT_FIELDS = {"other_ms", "backward_ratio"}
+
+
+def _digest(text: str) -> float:
+    """A 48-bit number for ``text``, exact in a float64 (Python's ``hash`` differs between processes)."""
+    return float(int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big"))
 
 
 def _structure(work: Workload) -> float:
     """A number identifying the blocks and ops of ``work`` (equal on ranks that ran the same ops)."""
-    text = "|".join(",".join(f"{op.op}:{op.storable}" for op in b.ops) for b in work.blocks)
-    return float(int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big"))
+    return _digest("|".join(",".join(f"{op.op}:{op.storable}" for op in b.ops) for b in work.blocks))
 
 
 def _flatten(work: Workload) -> list[float]:
@@ -135,7 +161,7 @@ def _unflatten(work: Workload, values: list[float]) -> Workload:
     fields: dict[str, Any] = {}
     for name in _WORK_FIELDS:
         value = next(it)
-        fields[name] = value if isinstance(getattr(work, name), float) else int(value)
+        fields[name] = value if name in _FLOAT_FIELDS else int(value)
     other_backward = next(it)
     d2h, h2d, duplex, slowdown = (next(it) for _ in range(4))
     return replace(

@@ -3,6 +3,7 @@ runs the same plan; the rank agreement and the host-RAM share on their own."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,11 +16,14 @@ import torch.multiprocessing as mp
 from lightning.pytorch.strategies import StrategyRegistry
 
 import deltaswap.strategy
-from deltaswap.swap import HostRamShare, RankAgreement, SwapConfig
+from deltaswap.swap import ActivationManager, HostRamShare, RankAgreement, SwapConfig
 from deltaswap.swap.planner import BlockCost, Workload
 from deltaswap.swap.profile import Bandwidth, OpRecord
+from deltaswap.swap.ranks import _flatten, _unflatten
 
+from gpt import GPT, random_batch
 from helpers import MB
+from lightning_helpers import CFG
 
 SCRIPT = Path(__file__).parent / "ddp_fit.py"
 
@@ -52,6 +56,8 @@ def test_deltaswap_ddp_is_registered_and_splits_its_options() -> None:
     assert strategy._ddp_kwargs == {"find_unused_parameters": True}
     with pytest.raises(ValueError, match="memory_budget"):
         deltaswap.strategy.SwapDDPStrategy(memory_budget="eight gigs")
+    with pytest.raises(TypeError, match=r"unknown option.*min_byte"):
+        deltaswap.strategy.SwapDDPStrategy(min_byte=0)
 
 
 def test_host_ram_share_divides_the_available_ram_between_the_ranks_of_a_host() -> None:
@@ -101,3 +107,48 @@ def test_ranks_agree_on_the_slowest_ops_the_largest_tensors_and_the_slowest_link
 def test_ranks_that_profiled_different_ops_are_refused(tmp_path: Path) -> None:
     results = agree([work(1.0, 8, 50.0), work(1.0, 8, 50.0, first_op="aten.bmm.default")], tmp_path)
     assert all(isinstance(r, str) and "same shape" in r for r in results), results
+
+
+def test_flatten_and_unflatten_round_trip_every_field() -> None:
+    ops = (OpRecord(0, "aten.mm.default", 3 * MB, 1.5, True), OpRecord(1, "aten.view.default", 0, 0.0, False))
+    w = Workload(blocks=(BlockCost(ops, 5 * MB, 7 * MB, 11 * MB), BlockCost(ops, 13 * MB, 17 * MB, 19 * MB)),
+                 other_bytes=23 * MB, other_ms=4.5, bandwidth=Bandwidth(29.0, 31.0, 37.0, 0.041),
+                 lookahead=41 * MB, backward_ratio=2.3, peak_offset=-43 * MB, other_grad_bytes=47 * MB,
+                 head_transient=53 * MB, other_backward_ms=5.9)
+    assert _unflatten(w, _flatten(w)) == w
+    unmeasured = dataclasses.replace(w, other_backward_ms=None)
+    assert _unflatten(unmeasured, _flatten(unmeasured)) == unmeasured
+
+
+def _shapes(rank: int, init: str, out: str) -> None:
+    """One rank of two: train a small GPT under a manager with ranks; rank 1 halves its batch at step 2."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    mgr = ActivationManager(SwapConfig(memory_budget="64KiB"), ranks=RankAgreement())
+    mgr.wrap(model)
+    outcome = "trained"
+    try:
+        for i in range(4):
+            batch = 8 if rank == 0 or i == 0 else 4
+            with mgr.step():
+                loss = model(*random_batch(CFG, batch, "cpu", torch.Generator().manual_seed(i)))
+            loss.backward()
+    except RuntimeError as err:
+        outcome = f"step {i}: {err}"
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.txt").write_text(outcome)
+
+
+def test_ranks_that_run_different_shapes_stop_with_an_error_instead_of_hanging(tmp_path: Path) -> None:
+    context = mp.spawn(_shapes, args=(f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=False)
+    for _ in range(60):
+        if context.join(timeout=2):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the ranks hung")
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert all(o.startswith("step 2: ") and "different shapes" in o for o in outcomes), outcomes
