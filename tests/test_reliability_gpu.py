@@ -115,21 +115,23 @@ def test_the_host_never_waits_for_the_gpu_in_a_planned_step(policy: str) -> None
         forward()
         losses.pop().backward()
     torch.cuda.synchronize()
-    for i in range(3):
-        pool_before = mgr.stats.engine.pinned_bytes_reserved
-        asleep = torch.cuda.Event()
+    pool_before = mgr.stats.engine.pinned_bytes_reserved
+    waited = []
+    previous: torch.cuda.Event | None = None
+    for _ in range(3):  # back to back, as in training: a wait on an earlier step's events shows too
+        first, second = torch.cuda.Event(), torch.cuda.Event()
         torch.cuda._sleep(SLEEP_CYCLES)
-        asleep.record()
+        first.record()
         forward()
-        forward_waited = asleep.query()
+        forward_waited = first.query() or (previous is not None and previous.query())
         torch.cuda._sleep(SLEEP_CYCLES)
-        asleep.record()
+        second.record()
         losses.pop().backward()
-        backward_waited = asleep.query()
-        torch.cuda.synchronize()
-        pool_after = mgr.stats.engine.pinned_bytes_reserved
-        assert pool_before == pool_after, f"step {i} grew the pinned pool: still warming up"
-        assert not forward_waited, f"step {i}: the forward waited for the GPU"
-        assert not backward_waited, f"step {i}: the backward waited for the GPU"
+        # a wait in the backward on anything queued before the second sleep ends with the first one
+        waited.append((forward_waited, first.query() or second.query()))
+        previous = second
+    torch.cuda.synchronize()
+    assert mgr.stats.engine.pinned_bytes_reserved == pool_before, "a step grew the pinned pool: warming up"
+    assert waited == [(False, False)] * 3, "(forward waited, backward waited) per step"
     if policy == "swap":
         assert mgr.stats.engine.bytes_offloaded > 0
