@@ -40,6 +40,14 @@ class PlannedTraining(ManagerViews):
 
     swap_config: SwapConfig
     _open_step: contextlib.ExitStack | None = None
+    strategy_name: str
+    strategy_description: str
+    """What ``StrategyRegistry`` lists for ``strategy_name``."""
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(cls.strategy_name, cls, description=cls.strategy_description)
 
     def _new_manager(self) -> ActivationManager:
         """The manager for this strategy's device (and ranks)."""
@@ -112,6 +120,7 @@ class SwapStrategy(PlannedTraining, SingleDeviceStrategy):
     """
 
     strategy_name = "deltaswap"
+    strategy_description = "deltaswap: keep, swap or recompute each activation to fit a memory budget"
 
     def __init__(
         self,
@@ -153,12 +162,3 @@ class SwapStrategy(PlannedTraining, SingleDeviceStrategy):
     def _new_manager(self) -> ActivationManager:
         return ActivationManager(self.swap_config, device=self.root_device)
 
-    # -- registration ---------------------------------------------------------------------------------
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(
-                cls.strategy_name, cls,
-                description="deltaswap: keep, swap or recompute each activation to fit a memory budget",
-            )

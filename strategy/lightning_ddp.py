@@ -6,18 +6,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
-from typing_extensions import override
 
 from deltaswap.swap import ActivationManager, HostRamShare, RankAgreement, SwapConfig
 
 from .lightning import PlannedTraining, swap_config
-
-if TYPE_CHECKING:
-    from lightning.fabric.strategies.registry import _StrategyRegistry
 
 
 class SwapDDPStrategy(PlannedTraining, DDPStrategy):
@@ -54,6 +50,8 @@ class SwapDDPStrategy(PlannedTraining, DDPStrategy):
     """
 
     strategy_name = "deltaswap_ddp"
+    strategy_description = ("deltaswap on Lightning's DDP: every rank keeps, swaps or recomputes each "
+                            "activation to fit a memory budget, on one agreed plan")
 
     def __init__(
         self, memory_budget: int | float | str = "auto", policy: str = "auto", **options: Any
@@ -80,13 +78,3 @@ class SwapDDPStrategy(PlannedTraining, DDPStrategy):
             host_memory_available=HostRamShare(max(1, self.num_processes)),
             ranks=RankAgreement(),
         )
-
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(
-                cls.strategy_name, cls,
-                description="deltaswap on Lightning's DDP: every rank keeps, swaps or recomputes each "
-                            "activation to fit a memory budget, on one agreed plan",
-            )
