@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from deltaswap.strategy import SwapStrategy
+from deltaswap.strategy.lightning import PlannedTraining
 from deltaswap.swap import ManagerStats
 
 GIB = 2**30
@@ -136,8 +136,8 @@ class SwapMonitor(Callback):
 
     .. warning::
         The values are not in ``trainer.callback_metrics`` (so not usable as a ``monitor`` of
-        ``ModelCheckpoint`` or ``EarlyStopping``). With any other strategy than ``SwapStrategy`` it warns
-        once at fit start and logs nothing.
+        ``ModelCheckpoint`` or ``EarlyStopping``). With a strategy other than deltaswap's
+        (``SwapStrategy``, ``SwapDDPStrategy``) it warns once at fit start and logs nothing.
 
     Raises:
         MisconfigurationException: at setup, if the Trainer has no logger.
@@ -147,7 +147,7 @@ class SwapMonitor(Callback):
         if logging_interval is not None and logging_interval < 1:
             raise ValueError(f"logging_interval must be a positive number of steps, got {logging_interval}")
         self.logging_interval = logging_interval
-        self._strategy: SwapStrategy | None = None
+        self._strategy: PlannedTraining | None = None
         self._start_bytes: int | None = None
         self._peak_bytes: int | None = None
 
@@ -167,12 +167,12 @@ class SwapMonitor(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         strategy = trainer.strategy
-        if isinstance(strategy, SwapStrategy):
+        if isinstance(strategy, PlannedTraining):
             self._strategy = strategy
             return
         self._strategy = None
         rank_zero_warn(f"SwapMonitor has nothing to monitor: the Trainer's strategy is "
-                       f"{type(strategy).__name__}, not deltaswap's SwapStrategy; it logs nothing.")
+                       f"{type(strategy).__name__}, not one of deltaswap's strategies; it logs nothing.")
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,

@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from deltaswap.strategy import SwapStrategy
+from deltaswap.strategy.lightning import PlannedTraining
 from deltaswap.swap import Plan, format_bytes
 from deltaswap.swap.config import format_budget
 from deltaswap.swap.manager import PLAN_CACHE_SIZE
@@ -126,25 +126,26 @@ class SwapPlanSummary(Callback):
         >>> trainer.fit(model, loader)                                   # doctest: +SKIP
 
     .. warning::
-        With any other strategy than ``SwapStrategy`` it warns once at fit start and prints nothing.
+        With a strategy other than deltaswap's (``SwapStrategy``, ``SwapDDPStrategy``) it warns once at
+        fit start and prints nothing.
         Reading the plan right after a profiling step finishes the planning there (measuring PCIe
         bandwidth once, on CUDA) instead of at the start of the next step.
     """
 
     def __init__(self) -> None:
-        self._strategy: SwapStrategy | None = None
+        self._strategy: PlannedTraining | None = None
         self._printed: deque[tuple[Any, ...]] = deque(maxlen=PLAN_CACHE_SIZE)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         strategy = trainer.strategy
         self._printed.clear()  # a new fit prints its plan again
-        if isinstance(strategy, SwapStrategy):
+        if isinstance(strategy, PlannedTraining):
             self._strategy = strategy
             return
         self._strategy = None
         rank_zero_warn(f"SwapPlanSummary has no plan to print: the Trainer's strategy is "
-                       f"{type(strategy).__name__}, not deltaswap's SwapStrategy.")
+                       f"{type(strategy).__name__}, not one of deltaswap's strategies.")
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,

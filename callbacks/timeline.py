@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from deltaswap.strategy import SwapStrategy
+from deltaswap.strategy.lightning import PlannedTraining
 from deltaswap.swap import format_bytes
 
 GIB = 2**30
@@ -161,8 +161,8 @@ class MemoryTimeline(Callback):
         for the device once, at its end.
 
     .. warning::
-        Needs matplotlib (``pip install 'deltaswap[plot]'``). On a CPU, or with any other strategy than
-        ``SwapStrategy``, it warns once at fit start and records nothing.
+        Needs matplotlib (``pip install 'deltaswap[plot]'``). On a CPU, or with a strategy other than
+        deltaswap's (``SwapStrategy``, ``SwapDDPStrategy``), it warns once at fit start and records nothing.
 
     Raises:
         ImportError: at construction, without matplotlib.
@@ -190,16 +190,16 @@ class MemoryTimeline(Callback):
         """The global step that was recorded (``None`` until one was)."""
         self.path: Path | None = None
         """The PNG written (``None`` until then)."""
-        self._strategy: SwapStrategy | None = None
+        self._strategy: PlannedTraining | None = None
         self._recording: _Recording | None = None
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         strategy = trainer.strategy
         self._strategy = None
-        if not isinstance(strategy, SwapStrategy):
+        if not isinstance(strategy, PlannedTraining):
             rank_zero_warn(f"MemoryTimeline has nothing to record: the Trainer's strategy is "
-                           f"{type(strategy).__name__}, not deltaswap's SwapStrategy.")
+                           f"{type(strategy).__name__}, not one of deltaswap's strategies.")
         elif strategy.root_device.type != "cuda" or not torch.cuda.is_available():
             rank_zero_warn(f"MemoryTimeline: training runs on {strategy.root_device}, with no device memory "
                            f"to record; it records nothing.")

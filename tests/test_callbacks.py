@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -24,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import deltaswap.callbacks
 from deltaswap.callbacks import MemoryTimeline, SwapMonitor, SwapPlanSummary, format_plan, plot_timeline
 from deltaswap.callbacks.monitor import KEYS
-from deltaswap.strategy import SwapStrategy
+from deltaswap.strategy import SwapDDPStrategy, SwapStrategy
 from deltaswap.swap import Plan, format_bytes
 from deltaswap.swap.config import UNLIMITED
 from deltaswap.swap.planner import (
@@ -160,6 +161,17 @@ def test_monitor_needs_a_logger(tmp_path: Path) -> None:
         fit_and_catch(SwapStrategy(policy="recompute"), tmp_path, [SwapMonitor()], logger=False)
     with pytest.raises(ValueError, match="logging_interval"):
         SwapMonitor(logging_interval=0)
+
+
+def test_the_callbacks_take_the_ddp_strategy_too() -> None:
+    """Each callback watches any deltaswap strategy (they share ``manager``, ``plan`` and ``stats``)."""
+    strategy = SwapDDPStrategy(policy="recompute")
+    trainer = SimpleNamespace(strategy=strategy)
+    for callback in (SwapMonitor(), SwapPlanSummary()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            callback.on_fit_start(trainer, None)  # type: ignore[arg-type]
+        assert callback._strategy is strategy
 
 
 def test_another_strategy_gets_one_warning_from_each_callback_and_no_keys(tmp_path: Path) -> None:
