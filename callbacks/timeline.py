@@ -63,6 +63,14 @@ def plot_timeline(measured: Sequence[tuple[float, int]], predicted: Sequence[tup
     return out
 
 
+def rank_filename(filename: str, trainer: Trainer) -> str:
+    """``filename``, with ``_rank{R}`` before its suffix when several ranks train (each writes its own)."""
+    if trainer.world_size <= 1:
+        return filename
+    path = Path(filename)
+    return f"{path.stem}_rank{trainer.global_rank}{path.suffix}"
+
+
 def _grad_tensor(output: Any) -> torch.Tensor | None:
     """The block's output tensor that receives a gradient (the first one, for tuple outputs)."""
     if isinstance(output, torch.Tensor):
@@ -140,7 +148,8 @@ class MemoryTimeline(Callback):
     Args:
         step: the global training step to record.
         dirpath: folder for the PNG (default: ``trainer.log_dir``).
-        filename: the PNG's file name.
+        filename: the PNG's file name; under DDP each rank writes its own, ``_rank{R}`` added before the
+            suffix.
 
     Example::
 
@@ -238,7 +247,8 @@ class MemoryTimeline(Callback):
         folder = self.dirpath or trainer.log_dir or trainer.default_root_dir
         title = (f"deltaswap activation memory, step {recording.step} (policy {plan.policy}, budget "
                  f"{format_bytes(plan.budget)}, predicted peak {format_bytes(plan.predicted_peak)})")
-        self.path = plot_timeline([(0.0, 0), *points], self.predicted, Path(folder) / self.filename, title,
+        self.path = plot_timeline([(0.0, 0), *points], self.predicted,
+                                  Path(folder) / rank_filename(self.filename, trainer), title,
                                   measured_peak=recording.peak)
         self._strategy = None  # done
         rank_zero_info(f"MemoryTimeline: step {recording.step} written to {self.path}")

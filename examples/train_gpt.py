@@ -17,22 +17,32 @@ Launch::
     python examples/train_gpt.py                      # tiny model, 100 steps: 10-20 s on a laptop CPU
     python examples/train_gpt.py --preset gpt2-large --batch-size 16 --max-steps 30          # on a GPU
     python examples/train_gpt.py --preset gpt2-large --batch-size 16 --max-steps 30 --strategy plain
+    python examples/train_gpt.py --preset gpt2-large --batch-size 16 --max-steps 30 --devices 2   # DDP
+
+With ``--devices N`` (N > 1) it trains with Lightning's DDP, one process per device (``"deltaswap_ddp"``,
+or ``"ddp"`` with ``--strategy plain``); ``--batch-size`` is then the batch of each rank, throughput is
+counted over all ranks and every rank prints its own peak memory. Lightning's launcher starts the other
+ranks by running the same command again.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import psutil
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
 from deltaswap.swap import format_bytes
@@ -40,6 +50,7 @@ from deltaswap.swap.config import format_budget
 
 from cli import add_deltaswap_options
 from gpt import GPT, PRESETS, GPTConfig, random_batch
+from overlap import CommOverlap
 
 
 class RandomSequences(IterableDataset):
@@ -122,10 +133,12 @@ class Speedometer(Callback):
     Args:
         every: print the loss every this many optimizer steps (and at the last step).
         skip: steps left out of the throughput.
+        until: the last step timed (default: the Trainer's ``max_steps``); the steps after it are left
+            out (a step profiled by ``CommOverlap``, say).
     """
 
-    def __init__(self, every: int = 10, skip: int = 2) -> None:
-        self.every, self.skip = every, skip
+    def __init__(self, every: int = 10, skip: int = 2, until: int | None = None) -> None:
+        self.every, self.skip, self.until = every, skip, until
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self._start: float | None = None
@@ -140,15 +153,16 @@ class Speedometer(Callback):
         if step == 1 or step % self.every == 0 or last:  # .item() waits for the GPU: only here
             self.last_loss = float(outputs["loss"])
             self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
-            print(f"step {step:5d}  loss {self.last_loss:.4f}", flush=True)
+            rank_zero_print(f"step {step:5d}  loss {self.last_loss:.4f}")
+        end = min(self.until, trainer.max_steps) if self.until is not None else trainer.max_steps
         if step == self.skip:
             self._start = self._now(pl_module.device)
-        elif step > self.skip and self._start is not None:
-            tokens = batch[0]
+        elif self.skip < step <= end and self._start is not None:
+            tokens, ranks = batch[0], trainer.world_size  # every rank runs a batch of the same shape
             self.timed_steps += 1
-            self.timed_samples += tokens.shape[0]
-            self.timed_tokens += tokens.numel()
-            if last:
+            self.timed_samples += tokens.shape[0] * ranks
+            self.timed_tokens += tokens.numel() * ranks
+            if step == end:
                 self.timed_seconds = self._now(pl_module.device) - self._start
 
     @staticmethod
@@ -163,7 +177,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shape (gpt.PRESETS)")
     add_deltaswap_options(parser)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per step on each device")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="devices to train on; more than 1 trains with Lightning's DDP, a process each")
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--precision", default=None,
                         help="Lightning precision (default: bf16-mixed on CUDA, 32-true on a CPU)")
@@ -174,8 +190,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-dir", default="lightning_logs", help="root of the CSV logs")
     parser.add_argument("--timeline-step", type=int, default=3,
                         help="plot deltaswap's memory timeline of this step (CUDA only; 0: off)")
+    parser.add_argument("--profile-step", type=int, default=0,
+                        help="profile the step after this many steps with torch.profiler and report how "
+                             "much of its gradient communication overlaps computation (CUDA only; 0: off); "
+                             "the throughput is measured before it")
+    parser.add_argument("--summary", default=None,
+                        help="write the run's measurements to this JSON file (under DDP one per rank, "
+                             "_rank{R} added before the suffix)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.devices < 1:
+        parser.error(f"--devices {args.devices}: train on at least one device")
+    return args
 
 
 def swap_callbacks(args: argparse.Namespace, on_cuda: bool) -> list[Callback]:
@@ -205,52 +231,110 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = PRESETS[args.preset]
     module = GPTModule(cfg, lr=lr, warmup_steps=args.warmup_steps)
-    loader = DataLoader(RandomSequences(cfg, seed=args.seed), batch_size=args.batch_size, num_workers=0,
-                        pin_memory=on_cuda)
-    speedometer = Speedometer(every=args.log_every)
+    # the profiled step is slower: it is left out of the throughput
+    speedometer = Speedometer(every=args.log_every, until=args.profile_step or None)
     callbacks: list[Callback] = [speedometer]
+    strategy = training_strategy(args)
     if args.strategy == "deltaswap":
-        from deltaswap.strategy import SwapStrategy
-
-        strategy: Any = SwapStrategy(memory_budget=args.memory_budget, policy=args.policy)
         callbacks += swap_callbacks(args, on_cuda)
-    else:
-        strategy = "auto"
+    if args.profile_step > 0:
+        callbacks.append(CommOverlap(step=args.profile_step, dirpath=args.log_dir))
     logger = CSVLogger(args.log_dir, name="train_gpt")
     trainer = L.Trainer(
-        accelerator="cuda" if on_cuda else "cpu", devices=1, strategy=strategy, precision=precision,
-        max_steps=args.max_steps, logger=logger, log_every_n_steps=args.log_every, callbacks=callbacks,
-        enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cuda" if on_cuda else "cpu", devices=args.devices, strategy=strategy,
+        precision=precision, max_steps=args.max_steps, logger=logger, log_every_n_steps=args.log_every,
+        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
     )
-    print(f"{args.preset}: {args.strategy}, batch {args.batch_size} x {cfg.seq_len} tokens, {precision}, "
-          f"{'cuda' if on_cuda else 'cpu'}")
+    # each rank draws its own stream (Lightning shards map-style datasets, not iterable ones)
+    stream = RandomSequences(cfg, seed=args.seed + trainer.global_rank)
+    loader = DataLoader(stream, batch_size=args.batch_size, num_workers=0, pin_memory=on_cuda)
+    devices = f"{args.devices} x " if args.devices > 1 else ""
+    rank_zero_print(f"{args.preset}: {args.strategy}, batch {args.batch_size} x {cfg.seq_len} tokens per "
+                    f"device, {precision}, {devices}{'cuda' if on_cuda else 'cpu'}")
     with warnings.catch_warnings():
         # the data is generated in the main process on purpose (see RandomSequences)
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(module, loader)
 
     report(trainer, speedometer, on_cuda)
-    print(f"metrics: {logger.log_dir}/metrics.csv")
+    rank_zero_print(f"metrics: {logger.log_dir}/metrics.csv")
+    if args.summary:
+        write_summary(Path(args.summary), args, trainer, speedometer)
     return 0
 
 
+def write_summary(path: Path, args: argparse.Namespace, trainer: L.Trainer, speedometer: Speedometer) -> Path:
+    """Write this rank's measurements as JSON (``_rank{R}`` added to the name under DDP): throughput
+    over all ranks, peak GPU memory, and with deltaswap the plan's prediction, the activation peak that
+    ``MemoryTimeline`` measured and the bytes swapped in the last step; the ``CommOverlap`` profile if
+    one was taken."""
+    if trainer.world_size > 1:
+        path = path.with_name(f"{path.stem}_rank{trainer.global_rank}{path.suffix}")
+    seconds = speedometer.timed_seconds
+    on_cuda = trainer.strategy.root_device.type == "cuda"
+    summary: dict[str, Any] = {
+        "preset": args.preset, "strategy": args.strategy, "devices": args.devices,
+        "rank": trainer.global_rank, "batch_size": args.batch_size, "steps": trainer.global_step,
+        "memory_budget": args.memory_budget, "policy": args.policy,
+        "samples_per_s": speedometer.timed_samples / seconds if seconds > 0 else None,
+        "timed_steps": speedometer.timed_steps, "timed_samples": speedometer.timed_samples,
+        "final_loss": speedometer.last_loss,
+        "peak_allocated": torch.cuda.max_memory_allocated(trainer.strategy.root_device) if on_cuda else None,
+        "host_available": psutil.virtual_memory().available,
+    }
+    plan = getattr(trainer.strategy, "plan", None)
+    if plan is not None:
+        stats = trainer.strategy.stats
+        summary.update(predicted_peak=plan.predicted_peak, predicted_ms=plan.predicted_ms,
+                       plain_ms=plan.plain_ms, budget=plan.budget,
+                       bytes_offloaded=stats.engine.bytes_offloaded if stats is not None else None)
+    for callback in trainer.callbacks:
+        if type(callback).__name__ == "MemoryTimeline":
+            summary["activation_peak"] = callback.measured_peak
+        elif isinstance(callback, CommOverlap):
+            summary["overlap"] = callback.as_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1))
+    return path
+
+
+def training_strategy(args: argparse.Namespace) -> Any:
+    """The Trainer's strategy for ``--strategy`` and ``--devices``: deltaswap's on one device or DDP, or
+    Lightning's own (``"auto"``, ``"ddp"``) for ``plain``."""
+    if args.strategy == "plain":
+        return "ddp" if args.devices > 1 else "auto"
+    from deltaswap.strategy import SwapDDPStrategy, SwapStrategy
+
+    kind = SwapDDPStrategy if args.devices > 1 else SwapStrategy
+    return kind(memory_budget=args.memory_budget, policy=args.policy)
+
+
+def rank_zero_print(text: str) -> None:
+    """Print on the first rank only (every rank of a DDP run executes this script)."""
+    if rank_zero_only.rank == 0:
+        print(text, flush=True)
+
+
 def report(trainer: L.Trainer, speedometer: Speedometer, on_cuda: bool) -> None:
-    """Print the final loss, the throughput, the peak GPU memory and what deltaswap planned and did."""
-    print(f"final loss {speedometer.last_loss:.4f} (step 1: {speedometer.first_loss:.4f})")
+    """Print the final loss, the throughput (all ranks together), each rank's peak GPU memory and what
+    deltaswap planned and did."""
+    rank_zero_print(f"final loss {speedometer.last_loss:.4f} (step 1: {speedometer.first_loss:.4f})")
     if speedometer.timed_seconds > 0:
         seconds = speedometer.timed_seconds
-        print(f"{speedometer.timed_tokens / seconds:,.0f} tokens/s, "
-              f"{speedometer.timed_samples / seconds:,.1f} samples/s over steps "
-              f"{speedometer.skip + 1}-{trainer.global_step}")
+        rank_zero_print(f"{speedometer.timed_tokens / seconds:,.0f} tokens/s, "
+                        f"{speedometer.timed_samples / seconds:,.1f} samples/s over steps "
+                        f"{speedometer.skip + 1}-{speedometer.skip + speedometer.timed_steps}")
     else:
-        print(f"throughput: not measured (it needs more than {speedometer.skip} steps)")
+        rank_zero_print(f"throughput: not measured (it needs more than {speedometer.skip} steps)")
+    rank = f"rank {trainer.global_rank} " if trainer.world_size > 1 else ""
     if on_cuda:
         # deltaswap's profiling step and SwapMonitor reset the peak counter: with deltaswap this is the
         # peak since the last logged step, without it the peak of the whole run
-        print(f"peak GPU memory: {format_bytes(torch.cuda.max_memory_allocated())} allocated, "
-              f"{format_bytes(torch.cuda.max_memory_reserved())} reserved")
+        device = trainer.strategy.root_device
+        print(f"{rank}peak GPU memory: {format_bytes(torch.cuda.max_memory_allocated(device))} allocated, "
+              f"{format_bytes(torch.cuda.max_memory_reserved(device))} reserved", flush=True)
     plan = getattr(trainer.strategy, "plan", None)
-    if plan is not None:
+    if plan is not None and trainer.global_rank == 0:
         budget = format_budget(plan.budget)
         print(f"deltaswap plan: policy {plan.policy}, budget {budget}, predicted peak "
               f"{format_bytes(plan.predicted_peak)}, predicted step {plan.predicted_ms:.1f} ms "

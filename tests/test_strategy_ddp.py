@@ -28,10 +28,11 @@ from lightning_helpers import CFG
 SCRIPT = Path(__file__).parent / "ddp_fit.py"
 
 
-def run_ddp(strategy: str, out: Path, *budget: str) -> dict[str, torch.Tensor]:
+def run_ddp(strategy: str, out: Path, *options: str) -> dict[str, torch.Tensor]:
+    """Run ``ddp_fit.py`` (two ranks) and return rank 0's trained weights."""
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
-    result = subprocess.run([sys.executable, str(SCRIPT), strategy, str(out), *budget], env=env,
+    result = subprocess.run([sys.executable, str(SCRIPT), strategy, str(out), *options], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out / "weights.pt")
@@ -39,7 +40,8 @@ def run_ddp(strategy: str, out: Path, *budget: str) -> dict[str, torch.Tensor]:
 
 def test_deltaswap_ddp_trains_on_two_cpu_processes_like_plain_ddp(tmp_path: Path) -> None:
     plain = run_ddp("ddp", tmp_path / "plain")
-    ours = run_ddp("deltaswap_ddp", tmp_path / "ours", "64KiB")  # a budget that makes auto recompute
+    # a budget that makes auto recompute
+    ours = run_ddp("deltaswap_ddp", tmp_path / "ours", "--budget", "64KiB")
     assert plain.keys() == ours.keys()
     for name in plain:
         assert torch.equal(plain[name], ours[name]), name
