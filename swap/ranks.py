@@ -84,7 +84,7 @@ class RankAgreement:
         Raises:
             RuntimeError: on every rank, if they differ.
         """
-        digest = _digest(repr(key))
+        digest = _digest(repr(_portable(key)))
         flag = 1.0 if planning else 0.0
         high = self._max([digest, -digest, flag, -flag])
         if high[0] != -high[1] or high[2] != -high[3]:
@@ -131,6 +131,15 @@ _FLOAT_FIELDS = {"other_ms", "backward_ratio"}
 def _digest(text: str) -> float:
     """A 48-bit number for ``text``, exact in a float64 (Python's ``hash`` differs between processes)."""
     return float(int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big"))
+
+
+def _portable(key: Any) -> Any:
+    """``key`` with each device replaced by its type: every rank runs on its own ``cuda:R``."""
+    if isinstance(key, torch.device):
+        return key.type
+    if isinstance(key, tuple):
+        return tuple(_portable(k) for k in key)
+    return key
 
 
 def _structure(work: Workload) -> float:

@@ -154,3 +154,31 @@ def test_ranks_that_run_different_shapes_stop_with_an_error_instead_of_hanging(t
         pytest.fail("the ranks hung")
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert all(o.startswith("step 2: ") and "different shapes" in o for o in outcomes), outcomes
+
+
+def _same_step(rank: int, keys: list[list[tuple[object, ...]]], init: str, out: str) -> None:
+    """One rank of two: check each of its step keys against the other rank's; record what happened."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    outcomes = []
+    try:
+        agreement = RankAgreement()
+        for key in keys[rank]:
+            try:
+                agreement.same_step(key, planning=False)
+                outcomes.append("same")
+            except RuntimeError:
+                outcomes.append("refused")
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.txt").write_text(" ".join(outcomes))
+
+
+def test_the_step_check_ignores_which_device_each_rank_runs_on(tmp_path: Path) -> None:
+    """Each rank of a GPU run has its own ``cuda:R``: the same shapes on other devices are the same step."""
+    def key(rows: int, device: str) -> tuple[object, ...]:
+        return ((rows, 32), torch.int64, torch.device(device)), type(None)
+
+    keys = [[key(8, "cuda:0"), key(8, "cuda:0")], [key(8, "cuda:1"), key(4, "cuda:1")]]
+    mp.spawn(_same_step, args=(keys, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "same refused", rank
