@@ -52,7 +52,8 @@ class RankAgreement:
     call is a collective: all ranks must make it at the same point, which the manager does (a check of
     the last step's shape at the start of every step, then the planning of a new profile, and once
     after the first planned step of each input shape). The collectives run on the host, over the group
-    itself if it is gloo, else over a gloo group made at the first one (no CUDA stream waits for them).
+    itself if it is gloo, else over a gloo group made at the first one (no CUDA stream waits for them),
+    and the per-step check does not block the host unless the step plans.
 
     Args:
         group: the process group (default: the world).
@@ -65,15 +66,24 @@ class RankAgreement:
     def __init__(self, group: Any = None) -> None:
         self.group = group
         self._host_group: Any = None
+        self._check: tuple[Any, torch.Tensor] | None = None
+        """The step check in flight: its collective's handle and result."""
 
     # -- collectives ----------------------------------------------------------------------------------
-    def _max(self, values: list[float]) -> list[float]:
-        """Element-wise maximum over the ranks, on the host (a gloo group), so that no GPU stream waits."""
-        if self._host_group is None:  # the first collective: every rank is here
+    def _host(self) -> Any:
+        """The group the collectives run over: the group itself if it is gloo, else a gloo group made
+        at the first collective (every rank is there), so that no GPU stream waits for them."""
+        if self._host_group is None:
             gloo = dist.get_backend(self.group) == "gloo"
             self._host_group = self.group if gloo else dist.new_group(backend="gloo")
+        return self._host_group
+
+    def _max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over the ranks, on the host. A step check still in flight is settled
+        first, so that ranks that ran different steps are refused before they plan."""
+        self.settle()
         tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._host_group)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._host())
         return tensor.tolist()
 
     def same_step(self, key: tuple[Any, ...], planning: bool) -> None:
@@ -81,12 +91,29 @@ class RankAgreement:
         all of them (or none) have a new plan to make; made every step, it keeps the planning
         collectives matched.
 
+        The check does not block: it is settled at the next step's check, or before this rank's next
+        collective (planning), whichever comes first. A step that plans waits for it; others do not.
+
         Raises:
-            RuntimeError: on every rank, if they differ.
+            RuntimeError: on every rank, once the ranks are found to differ.
         """
+        self.settle()
         digest = _digest(repr(_portable(key)))
         flag = 1.0 if planning else 0.0
-        high = self._max([digest, -digest, flag, -flag])
+        tensor = torch.tensor([digest, -digest, flag, -flag], dtype=torch.float64)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._host(), async_op=True)
+        self._check = (work, tensor)
+
+    def settle(self) -> None:
+        """Wait for the step check in flight, if any.
+
+        Raises:
+            RuntimeError: if the ranks' steps differed.
+        """
+        if self._check is None:
+            return
+        (work, high), self._check = self._check, None
+        work.wait()
         if high[0] != -high[1] or high[2] != -high[3]:
             raise RuntimeError(
                 "deltaswap: the ranks ran batches of different shapes in the same step. Every rank must "

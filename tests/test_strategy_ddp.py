@@ -164,7 +164,8 @@ def _same_step(rank: int, keys: list[list[tuple[object, ...]]], init: str, out: 
         agreement = RankAgreement()
         for key in keys[rank]:
             try:
-                agreement.same_step(key, planning=False)
+                agreement.same_step(key, planning=False)  # does not wait ...
+                agreement.settle()                        # ... until here
                 outcomes.append("same")
             except RuntimeError:
                 outcomes.append("refused")
