@@ -100,7 +100,13 @@ def test_the_host_never_waits_for_the_gpu_in_a_planned_step(policy: str) -> None
     """A long sleep queued on the GPU just before the forward (and another before the backward) must
     still be running when the forward (the backward) returns on the host. Any host synchronization
     (stream, event, ``.item()``, a pinned allocation) would have waited for it; a plain backward does
-    not wait, so neither may deltaswap's. ``set_sync_debug_mode`` alone misses event synchronizations."""
+    not wait, so neither may deltaswap's. ``set_sync_debug_mode`` alone misses event synchronizations.
+
+    Two steps run back to back, so a wait on the previous step's events shows too. Not three: with the
+    GPU seconds behind, CUDA's launch queue fills (about a thousand commands; deltaswap's copies and
+    their timing events are many) and the next launch blocks until the GPU drains it. That happens to
+    any program whose host runs that far ahead, and is not a synchronization (seen on an H200: a third
+    step's backward blocked inside ``Event.record``)."""
     model, batch = small_cuda_gpt(dropout=0.1)
     budget = 1 if policy == "auto" else "auto"  # auto under 1 byte: swaps and recomputes
     mgr = ActivationManager(SwapConfig(policy=policy, min_bytes=0, memory_budget=budget))
@@ -126,7 +132,7 @@ def test_the_host_never_waits_for_the_gpu_in_a_planned_step(policy: str) -> None
     sleep_ms = start.elapsed_time(end)
     waited, host_ms = [], []
     previous: torch.cuda.Event | None = None
-    for _ in range(3):  # back to back, as in training: a wait on an earlier step's events shows too
+    for _ in range(2):  # back to back, as in training: a wait on an earlier step's events shows too
         first, second = torch.cuda.Event(), torch.cuda.Event()
         torch.cuda._sleep(SLEEP_CYCLES)
         first.record()
@@ -147,7 +153,7 @@ def test_the_host_never_waits_for_the_gpu_in_a_planned_step(policy: str) -> None
     assert max(total for _, total in host_ms) < 0.8 * sleep_ms, (
         f"inconclusive: the host took {host_ms} ms (forward, forward+backward) against a {sleep_ms:.0f} ms "
         f"sleep")
-    assert waited == [(False, False)] * 3, (
+    assert waited == [(False, False)] * 2, (
         f"(forward waited, backward waited) per step: {waited}; host ms {host_ms}, sleep {sleep_ms:.0f} ms")
     if policy == "swap":
         assert mgr.stats.engine.bytes_offloaded > 0

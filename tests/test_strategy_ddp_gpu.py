@@ -44,6 +44,9 @@ def test_deltaswap_ddp_on_two_gpus_gives_plain_ddps_weights(
         assert torch.equal(plain[name], ours[name]), name
     plans = [(tmp_path / "ours" / f"plan_rank{r}.txt").read_text() for r in (0, 1)]
     assert plans[0] == plans[1], "every rank runs the same plan"
+    if policy == "auto":  # under 1 byte: the smallest plan, which recomputes (swapping is its choice)
+        assert "checkpoint" in plans[0], plans[0]
+        return
     for rank in (0, 1):
         offloaded, prefetched = map(int, (tmp_path / "ours" / f"swapped_rank{rank}.txt").read_text().split())
         assert offloaded > 0 and prefetched > 0, f"rank {rank} swapped nothing"
