@@ -22,7 +22,11 @@ Launch::
 With ``--devices N`` (N > 1) it trains with Lightning's DDP, one process per device (``"deltaswap_ddp"``,
 or ``"ddp"`` with ``--strategy plain``); ``--batch-size`` is then the batch of each rank, throughput is
 counted over all ranks and every rank prints its own peak memory. Lightning's launcher starts the other
-ranks by running the same command again.
+ranks by running the same command again. With ``--fsdp`` it trains with Lightning's FSDP instead (each
+GPT block an FSDP unit, fully sharded; ``deltaswap.strategy.SwapFSDPStrategy``, or ``"fsdp"``'s
+``FSDPStrategy`` with ``--strategy plain``), on any number of devices (CUDA only)::
+
+    python examples/train_gpt.py --preset gpt2-large --batch-size 16 --max-steps 30 --devices 2 --fsdp
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import psutil
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -49,7 +54,7 @@ from deltaswap.swap import format_bytes
 from deltaswap.swap.config import format_budget
 
 from cli import add_deltaswap_options
-from gpt import GPT, PRESETS, GPTConfig, random_batch
+from gpt import GPT, PRESETS, Block, GPTConfig, random_batch
 from overlap import CommOverlap
 
 
@@ -180,6 +185,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="samples per step on each device")
     parser.add_argument("--devices", type=int, default=1,
                         help="devices to train on; more than 1 trains with Lightning's DDP, a process each")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="train with Lightning's FSDP (each block a unit, fully sharded; CUDA only)")
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--precision", default=None,
                         help="Lightning precision (default: bf16-mixed on CUDA, 32-true on a CPU)")
@@ -201,6 +208,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.devices < 1:
         parser.error(f"--devices {args.devices}: train on at least one device")
+    if args.fsdp and not torch.cuda.is_available():
+        parser.error("--fsdp: Lightning's FSDP trains on CUDA GPUs, and none is available here")
     return args
 
 
@@ -299,8 +308,15 @@ def write_summary(path: Path, args: argparse.Namespace, trainer: L.Trainer, spee
 
 
 def training_strategy(args: argparse.Namespace) -> Any:
-    """The Trainer's strategy for ``--strategy`` and ``--devices``: deltaswap's on one device or DDP, or
-    Lightning's own (``"auto"``, ``"ddp"``) for ``plain``."""
+    """The Trainer's strategy for ``--strategy``, ``--devices`` and ``--fsdp``: deltaswap's on one device,
+    DDP or FSDP, or Lightning's own (``"auto"``, ``"ddp"``, ``FSDPStrategy``) for ``plain``."""
+    if args.fsdp:
+        from deltaswap.strategy import SwapFSDPStrategy
+
+        fsdp = {"auto_wrap_policy": {Block}, "sharding_strategy": "FULL_SHARD"}
+        if args.strategy == "plain":
+            return FSDPStrategy(**fsdp)
+        return SwapFSDPStrategy(memory_budget=args.memory_budget, policy=args.policy, **fsdp)
     if args.strategy == "plain":
         return "ddp" if args.devices > 1 else "auto"
     from deltaswap.strategy import SwapDDPStrategy, SwapStrategy

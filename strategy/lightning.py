@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+from collections.abc import Callable
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from lightning.pytorch import Trainer
@@ -15,7 +17,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
-from deltaswap.swap import ActivationManager, SwapConfig
+from deltaswap.swap import ActivationManager, HostRamShare, RankAgreement, SwapConfig
 
 from .views import ManagerViews
 
@@ -33,6 +35,24 @@ def swap_config(memory_budget: int | float | str, policy: str, options: dict[str
     return SwapConfig(memory_budget=memory_budget, policy=policy, **options)
 
 
+def split_options(
+    strategy: str, options: dict[str, Any], *takers: Callable[..., Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a distributed strategy's keyword arguments into :class:`SwapConfig` fields and the keywords
+    of ``takers`` (the Lightning strategy and the torch wrapper it passes its extra keywords to); any
+    other keyword is refused with both lists."""
+    names = {f.name for f in fields(SwapConfig)}
+    ours = {k: v for k, v in options.items() if k in names}
+    theirs = {k: v for k, v in options.items() if k not in names}
+    accepted = {p for taker in takers for p in inspect.signature(taker).parameters} - {"self", "kwargs"}
+    unknown = sorted(set(theirs) - accepted)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}: {strategy} takes the fields of SwapConfig "
+                        f"({', '.join(sorted(names))}) and the keywords of "
+                        f"{' and of '.join(t.__qualname__.split('.')[0] for t in takers)}")
+    return ours, theirs
+
+
 class PlannedTraining(ManagerViews):
     """What the deltaswap Lightning strategies share: the blocks wrapped once at setup (unwrapped at
     teardown), every ``training_step`` run under the plan, and under manual optimization the planned
@@ -40,6 +60,9 @@ class PlannedTraining(ManagerViews):
 
     swap_config: SwapConfig
     _open_step: contextlib.ExitStack | None = None
+    wrap_at_setup: ClassVar[bool] = True
+    """Wrap the LightningModule's blocks before the Lightning strategy's own ``setup`` (``False``: the
+    strategy wraps them itself, after its own wrapping of the model, as FSDP needs)."""
     strategy_name: str
     strategy_description: str
     """What ``StrategyRegistry`` lists for ``strategy_name``."""
@@ -57,7 +80,8 @@ class PlannedTraining(ManagerViews):
     def setup(self, trainer: Trainer) -> None:
         if self._manager is None:
             self._manager = self._new_manager()
-        self._manager.wrap(self.lightning_module)  # type: ignore[attr-defined]  # before the optimizers exist
+        if self.wrap_at_setup:
+            self._manager.wrap(self.lightning_module)  # type: ignore[attr-defined]  # before the optimizers exist
         super().setup(trainer)  # type: ignore[misc]
 
     @override
@@ -83,6 +107,22 @@ class PlannedTraining(ManagerViews):
             stack, self._open_step = self._open_step, None
             stack.close()
         return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
+
+
+class PlannedRanks(PlannedTraining):
+    """:class:`PlannedTraining` for strategies of one process per device (DDP, FSDP): the ranks agree on
+    their measurements so that every rank runs the same plan, and the ranks of a host split its RAM."""
+
+    num_processes: int
+    root_device: torch.device
+
+    def _new_manager(self) -> ActivationManager:
+        return ActivationManager(
+            self.swap_config,
+            device=self.root_device,
+            host_memory_available=HostRamShare(max(1, self.num_processes)),
+            ranks=RankAgreement(),
+        )
 
 
 class SwapStrategy(PlannedTraining, SingleDeviceStrategy):

@@ -4,19 +4,17 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
-from dataclasses import fields
 from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
-from deltaswap.swap import ActivationManager, HostRamShare, RankAgreement, SwapConfig
+from deltaswap.swap import ActivationManager
 
-from .lightning import PlannedTraining, swap_config
+from .lightning import PlannedRanks, split_options, swap_config
 
 
-class SwapDDPStrategy(PlannedTraining, DDPStrategy):
+class SwapDDPStrategy(PlannedRanks, DDPStrategy):
     """Distributed data parallel training (one process per device) with each rank's activations kept,
     swapped to pinned host memory or recomputed to fit ``memory_budget``, all ranks on one plan.
 
@@ -56,25 +54,9 @@ class SwapDDPStrategy(PlannedTraining, DDPStrategy):
     def __init__(
         self, memory_budget: int | float | str = "auto", policy: str = "auto", **options: Any
     ) -> None:
-        names = {f.name for f in fields(SwapConfig)}
-        ours = {k: v for k, v in options.items() if k in names}
-        theirs = {k: v for k, v in options.items() if k not in names}
-        ddp_names = {*inspect.signature(DDPStrategy.__init__).parameters,
-                     *inspect.signature(DistributedDataParallel.__init__).parameters} - {"self", "kwargs"}
-        unknown = sorted(set(theirs) - ddp_names)
-        if unknown:
-            raise TypeError(f"unknown option(s) {', '.join(unknown)}: SwapDDPStrategy takes the fields of "
-                            f"SwapConfig ({', '.join(sorted(names))}) and the keywords of Lightning's "
-                            f"DDPStrategy and of DistributedDataParallel")
+        ours, theirs = split_options("SwapDDPStrategy", options, DDPStrategy.__init__,
+                                     DistributedDataParallel.__init__)
         self.swap_config = swap_config(memory_budget, policy, ours)
         super().__init__(**theirs)
         self._manager: ActivationManager | None = None
         self._open_step: contextlib.ExitStack | None = None
-
-    def _new_manager(self) -> ActivationManager:
-        return ActivationManager(
-            self.swap_config,
-            device=self.root_device,
-            host_memory_available=HostRamShare(max(1, self.num_processes)),
-            ranks=RankAgreement(),
-        )

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    _CHECKPOINT_WRAPPED_MODULE,
     CheckpointWrapper,
     apply_activation_checkpointing,
     checkpoint_wrapper,
@@ -57,7 +58,10 @@ _NO_PCIE = Bandwidth(1e-6, 1e-6, 2e-6)  # without a GPU there is nothing to swap
 
 def find_blocks(model: nn.Module, block_types: tuple[type, ...] | None) -> list[nn.Module]:
     """The modules to plan per block: instances of ``block_types``, or else the largest run of sibling
-    modules of one class inside a ``ModuleList`` or ``Sequential`` (the repeated layers)."""
+    modules of one class inside a ``ModuleList`` or ``Sequential`` (the repeated layers). Where those
+    siblings are FSDP units (``FullyShardedDataParallel``), the blocks are the modules they wrap: planned
+    inside the unit, a block is recomputed while FSDP holds its parameters gathered, as torch's
+    activation checkpointing composes with FSDP."""
     if block_types is not None:
         found = [(name, m) for name, m in model.named_modules() if isinstance(m, block_types)]
         # only the outermost: a block inside another block runs (and is recomputed) with its parent
@@ -74,7 +78,16 @@ def find_blocks(model: nn.Module, block_types: tuple[type, ...] | None) -> list[
         for members in groups.values():
             if len(members) > len(best) and len(members) >= 2 and any(True for _ in members[0].parameters()):
                 best = members
-    return best
+    return [_inside_fsdp_unit(m) for m in best]
+
+
+def _inside_fsdp_unit(module: nn.Module) -> nn.Module:
+    """The module an FSDP unit wraps (``module`` itself if it is none)."""
+    if not torch.distributed.is_available():
+        return module
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return module.module if isinstance(module, FullyShardedDataParallel) else module
 
 
 @dataclass(frozen=True)
@@ -229,7 +242,9 @@ class ActivationManager:
                 "compile without deltaswap"
             )
         blocks = find_blocks(model, self.config.block_types)
-        if any(isinstance(b, CheckpointWrapper) for b in blocks):
+        names = {id(m): name for name, m in model.named_modules()}
+        if any(isinstance(b, CheckpointWrapper) or _CHECKPOINT_WRAPPED_MODULE in names[id(b)].split(".")
+               for b in blocks):
             raise ValueError(
                 f"the blocks of {type(model).__name__} are already wrapped (by another ActivationManager or "
                 f"torch's checkpoint_wrapper): call unwrap() on that manager, or remove the wrappers, first"
@@ -241,7 +256,6 @@ class ActivationManager:
                 f"SwapConfig(block_types=(YourLayer,))."
             )
         ids = {id(b) for b in blocks}
-        names = {id(m): name for name, m in model.named_modules()}
         apply_activation_checkpointing(
             model,
             checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_fn=self._run_block),

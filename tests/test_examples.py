@@ -116,6 +116,30 @@ def test_train_gpt_plain_trains_without_deltaswap(tmp_path: Path, capsys: pytest
     assert "deltaswap plan" not in capsys.readouterr().out
 
 
+def test_train_gpt_fsdp_picks_the_fsdp_strategies_with_blocks_as_units() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from deltaswap.strategy import SwapFSDPStrategy
+
+    args = argparse.Namespace(fsdp=True, strategy="deltaswap", devices=2, memory_budget="12GiB",
+                              policy="swap")
+    ours = train_gpt.training_strategy(args)
+    assert isinstance(ours, SwapFSDPStrategy)
+    assert ours.swap_config.memory_budget == 12 << 30 and ours.swap_config.policy == "swap"
+    plain = train_gpt.training_strategy(argparse.Namespace(**{**vars(args), "strategy": "plain"}))
+    assert type(plain) is FSDPStrategy
+    for strategy in (ours, plain):
+        assert isinstance(strategy.kwargs["auto_wrap_policy"], ModuleWrapPolicy)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs FSDP")
+def test_train_gpt_fsdp_without_cuda_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train_gpt.main(["--fsdp"])
+    assert "--fsdp: Lightning's FSDP trains on CUDA GPUs" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the attention backward is not deterministic")
 def test_train_gpt_deltaswap_and_plain_log_the_same_losses(tmp_path: Path) -> None:
     common = ["--max-steps", "12", "--log-every", "3", "--seed", "3"]

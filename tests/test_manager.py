@@ -14,7 +14,7 @@ from deltaswap.swap.manager import PLAN_CACHE_SIZE, find_blocks
 from deltaswap.swap.planner import BlockMode, checkpoint_block, keep_block, swap_block
 from deltaswap.swap.recompute import OpDecision
 
-from gpt import GPT, GPTConfig, random_batch
+from gpt import GPT, Block, GPTConfig, random_batch
 from helpers import assert_bitwise_equal
 
 CFG = GPTConfig(vocab_size=97, seq_len=32, n_layer=4, n_head=4, d_model=64, dropout=0.1)
@@ -296,6 +296,8 @@ def test_unwrap_restores_the_blocks_and_wrap_is_idempotent() -> None:
     assert mgr.blocks == list(model.blocks)
     with pytest.raises(ValueError, match="already wrapped"):
         manager().wrap(model)
+    with pytest.raises(ValueError, match="already wrapped"):  # named by class: found inside the wrappers
+        ActivationManager(SwapConfig(block_types=(Block,))).wrap(model)
     with pytest.raises(ValueError, match="one manager per model"):
         mgr.wrap(GPT(CFG))
     assert mgr.unwrap() is model

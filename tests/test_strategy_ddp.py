@@ -25,11 +25,11 @@ from gpt import GPT, random_batch
 from helpers import MB
 from lightning_helpers import CFG
 
-SCRIPT = Path(__file__).parent / "ddp_fit.py"
+SCRIPT = Path(__file__).parent / "parallel_fit.py"
 
 
-def run_ddp(strategy: str, out: Path, *options: str) -> dict[str, torch.Tensor]:
-    """Run ``ddp_fit.py`` (two ranks) and return rank 0's trained weights."""
+def run_parallel(strategy: str, out: Path, *options: str) -> dict[str, torch.Tensor]:
+    """Run ``parallel_fit.py`` (two ranks unless ``--devices`` says otherwise); rank 0's trained weights."""
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
     result = subprocess.run([sys.executable, str(SCRIPT), strategy, str(out), *options], env=env,
@@ -39,9 +39,9 @@ def run_ddp(strategy: str, out: Path, *options: str) -> dict[str, torch.Tensor]:
 
 
 def test_deltaswap_ddp_trains_on_two_cpu_processes_like_plain_ddp(tmp_path: Path) -> None:
-    plain = run_ddp("ddp", tmp_path / "plain")
+    plain = run_parallel("ddp", tmp_path / "plain")
     # a budget that makes auto recompute
-    ours = run_ddp("deltaswap_ddp", tmp_path / "ours", "--budget", "64KiB")
+    ours = run_parallel("deltaswap_ddp", tmp_path / "ours", "--budget", "64KiB")
     assert plain.keys() == ours.keys()
     for name in plain:
         assert torch.equal(plain[name], ours[name]), name
