@@ -14,6 +14,7 @@ Example::
 
 from .backend import Copy, CopyBackend, CudaCopyBackend, SyncCopyBackend
 from .config import OffloadConfig, SwapConfig, format_bytes, parse_bytes
+from .hostcost import HostCost, measure_host_cost
 from .manager import ActivationManager, ManagerStats
 from .offloader import ActivationOffloader, offload_activations
 from .planner import Plan
@@ -30,6 +31,7 @@ __all__ = [
     "Copy",
     "CopyBackend",
     "CudaCopyBackend",
+    "HostCost",
     "HostMemoryError",
     "HostRamShare",
     "LocalStore",
@@ -48,6 +50,7 @@ __all__ = [
     "checkpoint_with_policy",
     "format_bytes",
     "measure_bandwidth",
+    "measure_host_cost",
     "offload_activations",
     "parse_bytes",
 ]

@@ -30,6 +30,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 
 from .backend import CopyBackend, CudaCopyBackend
 from .config import UNLIMITED, SwapConfig, format_budget, format_bytes
+from .hostcost import NO_HOST_COST, HostCost, measure_host_cost
 from .offloader import ActivationOffloader
 from .planner import (
     BlockCost,
@@ -205,6 +206,7 @@ class ActivationManager:
         self._step_plan: Plan | None = None
         self._step_marks: tuple[Any, Any] | None = None
         self._bandwidth: Bandwidth | None = None
+        self._host_cost: HostCost | None = None
         self._baseline = 0
         self._step_clean = False
         self._backward_mark: Any = None
@@ -318,7 +320,7 @@ class ActivationManager:
         self._manual.clear()
         self._observed.clear()
         self._late.clear()
-        self._plan, self._pending, self._bandwidth = None, None, None
+        self._plan, self._pending, self._bandwidth, self._host_cost = None, None, None, None
 
     # -- per step -----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -557,6 +559,7 @@ class ActivationManager:
             other_bytes=other_bytes,
             other_ms=other_ms,
             bandwidth=self._measured_bandwidth(),
+            host=self._measured_host_cost(),
             min_bytes=int(self.config.min_bytes),
             lookahead=self.config.offload_config().lookahead_bytes(
                 other_bytes + sum(b.saved_bytes for b in blocks)
@@ -730,6 +733,13 @@ class ActivationManager:
             else:
                 self._bandwidth = measure_bandwidth()
         return self._bandwidth
+
+    def _measured_host_cost(self) -> HostCost:
+        """The host's time per op on this device (measured once); none on a CPU, where the host runs
+        the ops itself and the op times already hold it."""
+        if self._host_cost is None:
+            self._host_cost = measure_host_cost() if self._on_cuda() else NO_HOST_COST
+        return self._host_cost
 
     # -- clocks -------------------------------------------------------------------------------------
     def _on_cuda(self) -> bool:

@@ -12,6 +12,9 @@ The model (DESIGN.md, "How the planner decides"):
 - A recomputed op costs its measured time again. Keeping costs memory and no time.
 - Kernels run ``copy_slowdown`` (measured) slower while a copy runs beside them: each swapped byte costs
   that fraction of its copy time in each direction, even when the copy itself hides.
+- A checkpointed block that stores some outputs runs every op through Python dispatch modes, in the
+  forward and in its recompute: its forward (backward) takes the longer of its GPU time and the host's
+  time to issue its ops that way (``host``, measured). Other blocks run at their GPU time.
 
 ``auto`` starts from keeping everything. For each number of leading blocks to swap (as many as the
 simulation says the backward need not wait for, down to none) it checkpoints the other blocks, storing
@@ -30,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from .config import format_budget, format_bytes
+from .hostcost import NO_HOST_COST, HostCost
 from .profile import Bandwidth, OpRecord
 from .recompute import OpDecision, OpPolicy
 
@@ -180,6 +184,8 @@ class Workload:
     peak_copy_rate: float = PEAK_COPY_RATE
     """The fraction of the measured device->host rate at which the forward's copies are assumed to run
     when predicting the peak (not the time)."""
+    host: HostCost = NO_HOST_COST
+    """Measured host time per op: when it sets the pace of blocks that store some outputs."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.peak_copy_rate <= 1.0:
@@ -232,6 +238,30 @@ def frontier(cost: BlockCost, min_bytes: int) -> list[BlockPlan]:
 
 
 # -- simulation ---------------------------------------------------------------------------------------
+def block_forward_ms(work: Workload, cost: BlockCost, plan: BlockPlan) -> float:
+    """One block's forward time under ``plan``: its ops' GPU time, or, for a checkpointed block that
+    stores some outputs (every op through the recording mode), the host's time to issue them if longer."""
+    if plan.mode is not BlockMode.CHECKPOINT or not plan.decisions:
+        return cost.forward_ms
+    return max(cost.forward_ms, len(cost.ops) * (work.host.launch_ms + work.host.record_ms))
+
+
+def block_backward_ms(work: Workload, cost: BlockCost, plan: BlockPlan) -> float:
+    """One block's backward time under ``plan``, its recompute included; for a checkpointed block that
+    stores some outputs (its recompute through the replaying mode), the host's time if longer."""
+    gpu = cost.forward_ms * work.backward_ratio + plan.recompute_ms
+    if plan.mode is not BlockMode.CHECKPOINT or not plan.decisions:
+        return gpu
+    host = work.host
+    return max(gpu, len(cost.ops) * (host.launch_ms * (1 + work.backward_ratio) + host.replay_ms))
+
+
+def block_ms(work: Workload, cost: BlockCost, plan: BlockPlan) -> float:
+    """Forward plus backward time of one block under ``plan``, copies aside: what the planner's moves
+    between a block's variants are judged by."""
+    return block_forward_ms(work, cost, plan) + block_backward_ms(work, cost, plan)
+
+
 @dataclass(frozen=True)
 class Prediction:
     peak: int
@@ -263,7 +293,8 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     slow_rate = d2h_rate * work.peak_copy_rate
     forward_times = []
     for cost, plan in blocks:
-        t += cost.forward_ms + slowdown * plan.swapped_bytes / d2h_rate  # kernels slowed by the copy
+        # kernels run slower beside the copies
+        t += block_forward_ms(work, cost, plan) + slowdown * plan.swapped_bytes / d2h_rate
         forward_times.append(t)
         queue_free = max(t, queue_free) + plan.swapped_bytes / d2h_rate
         copy_end.append(queue_free)
@@ -320,8 +351,7 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
                 t += h2d_free - deadline
         reached.append((consumed, t))
         started[k] = t
-        t += cost.forward_ms * work.backward_ratio + plan.recompute_ms
-        t += slowdown * plan.swapped_bytes / h2d_rate
+        t += block_backward_ms(work, cost, plan) + slowdown * plan.swapped_bytes / h2d_rate
         consumed += sizes[k]
     # backward, memory, at each block's start: the blocks not yet done, swapped bytes already back,
     # the block's own recompute, and the gradients allocated so far
@@ -362,6 +392,8 @@ def _finish(work: Workload, plans: list[BlockPlan], budget: int, policy: str) ->
         "other_backward_ms": -1.0 if work.other_backward_ms is None else work.other_backward_ms,
         "other_bytes": float(work.other_bytes), "head_transient": float(work.head_transient),
         "peak_offset": float(work.peak_offset), "block_forward_ms": sum(b.forward_ms for b in work.blocks),
+        "host_launch_ms": work.host.launch_ms, "host_record_ms": work.host.record_ms,
+        "host_replay_ms": work.host.replay_ms,
     }
     return Plan(tuple(plans), budget, pred.peak, pred.ms, plain.ms, policy, calibration, pred.timeline)
 
@@ -481,12 +513,13 @@ def _checkpoint_until_fits(
     pred = simulate(work, plans)
 
     def cheapest(k: int, after: int) -> tuple[float, int, int] | None:
-        current, front = plans[k], fronts.of(k)
+        current, front, cost = plans[k], fronts.of(k), work.blocks[k]
+        now = block_ms(work, cost, current)
         best = None
         for j in range(after + 1, len(front)):
             freed = current.kept_bytes - front[j].kept_bytes
             if freed > 0:
-                score = (front[j].recompute_ms - current.recompute_ms) / freed
+                score = (block_ms(work, cost, front[j]) - now) / freed
                 if best is None or score < best[0]:
                     best = (score, k, j)
         return best
@@ -551,14 +584,14 @@ def _relax(
 
     def richest(k: int, room: float) -> tuple[float, int, int, int] | None:
         """Block ``k``'s best move within ``room``: (score, -k, j, bytes added)."""
-        front = fronts.of(k)
-        kept, recompute_ms = front[position[k]].kept_bytes, front[position[k]].recompute_ms
+        front, cost = fronts.of(k), work.blocks[k]
+        kept, now = front[position[k]].kept_bytes, block_ms(work, cost, front[position[k]])
         best = None
         for j in range(position[k] - 1, -1, -1):
             if (k, j) in rejected:
                 continue
             added = front[j].kept_bytes - kept
-            saved = recompute_ms - front[j].recompute_ms
+            saved = now - block_ms(work, cost, front[j])
             if saved <= 0 or added > room:
                 continue
             score = saved / max(added, 1)
@@ -642,6 +675,9 @@ __all__ = [
     "Plan",
     "Prediction",
     "Workload",
+    "block_backward_ms",
+    "block_forward_ms",
+    "block_ms",
     "checkpoint_block",
     "delta_block",
     "frontier",

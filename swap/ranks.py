@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .hostcost import HostCost
 from .planner import BlockCost, Workload
 from .pool import available_host_bytes
 from .profile import Bandwidth
@@ -131,7 +132,7 @@ class RankAgreement:
 
     def workload(self, work: Workload) -> Workload:
         """``work`` as every rank agrees on it: each op's time and bytes the largest of any rank's, the
-        link the slowest of any rank's.
+        link and the host the slowest of any rank's.
 
         Raises:
             RuntimeError: if the ranks profiled different ops (different models or input shapes).
@@ -184,6 +185,7 @@ def _flatten(work: Workload) -> list[float]:
     values.append(-1.0 if work.other_backward_ms is None else work.other_backward_ms)
     bw = work.bandwidth
     values += [-bw.d2h_gbps, -bw.h2d_gbps, -bw.duplex_gbps, bw.copy_slowdown]
+    values += [work.host.launch_ms, work.host.record_ms, work.host.replay_ms]  # the slowest host
     return values
 
 
@@ -200,8 +202,10 @@ def _unflatten(work: Workload, values: list[float]) -> Workload:
         fields[name] = value if name in _FLOAT_FIELDS else int(value)
     other_backward = next(it)
     d2h, h2d, duplex, slowdown = (next(it) for _ in range(4))
+    launch, record, replay = (next(it) for _ in range(3))
     return replace(
         work, blocks=tuple(blocks), **fields,
         other_backward_ms=None if other_backward < 0 else other_backward,
         bandwidth=Bandwidth(-d2h, -h2d, -duplex, slowdown),
+        host=HostCost(launch, record, replay),
     )

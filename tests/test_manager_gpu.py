@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltaswap.swap import ActivationManager, SwapConfig
+from deltaswap.swap import ActivationManager, SwapConfig, measure_host_cost
 from deltaswap.swap.planner import BlockMode, checkpoint_block, keep_block, swap_block
 from deltaswap.swap.profile import measure_bandwidth
 from deltaswap.swap.recompute import OpDecision
@@ -84,9 +84,19 @@ def test_measured_copy_slowdown_is_a_small_fraction() -> None:
     assert bw.d2h_gbps > 1 and bw.h2d_gbps > 1
 
 
-def test_measuring_the_link_leaves_the_random_generators_alone() -> None:
-    """The bandwidth and slowdown measurement runs inside a training step: drawing random numbers there
-    would change the user's dropout masks from the plain run's."""
+def test_measuring_the_link_and_the_host_leaves_the_random_generators_alone() -> None:
+    """The bandwidth, slowdown and host-cost measurements run inside a training step: drawing random
+    numbers there would change the user's dropout masks from the plain run's."""
     cuda, cpu = torch.cuda.get_rng_state(), torch.get_rng_state()
     measure_bandwidth()
+    measure_host_cost()
     assert torch.equal(torch.cuda.get_rng_state(), cuda) and torch.equal(torch.get_rng_state(), cpu)
+
+
+def test_the_per_op_modes_cost_the_host_time_beside_plain_launches() -> None:
+    """Recording and replaying run Python for every op: more host time per op than torch's checkpoint,
+    of the order of a kernel launch or more, and far under a millisecond."""
+    cost = measure_host_cost()
+    print("host cost per op:", cost)
+    assert 0.0 < cost.launch_ms < 1.0
+    assert 0.0 < cost.record_ms < 1.0 and 0.0 < cost.replay_ms < 1.0

@@ -7,8 +7,11 @@ import dataclasses
 
 import pytest
 
+from deltaswap.swap.hostcost import HostCost
 from deltaswap.swap.planner import (
     BlockMode,
+    block_backward_ms,
+    block_forward_ms,
     checkpoint_block,
     delta_block,
     frontier,
@@ -203,3 +206,35 @@ def test_the_peak_assumes_the_forwards_copies_run_at_a_fraction_of_the_measured_
     halved = dataclasses.replace(exact, peak_copy_rate=0.5)
     assert simulate(halved, plans).forward_end_bytes == pytest.approx(kept + 250 * MB, abs=1)
     assert simulate(halved, plans).ms == simulate(exact, plans).ms  # the time model is unchanged
+
+
+def test_a_block_that_stores_some_outputs_runs_at_the_hosts_pace_when_the_host_is_slower() -> None:
+    # 7 ops: the host issues a recorded op in 0.5 ms and a replayed one in 0.4 ms more than plainly
+    host = HostCost(launch_ms=0.05, record_ms=0.5, replay_ms=0.4)
+    work = dataclasses.replace(workload(n=1), host=host)
+    cost = work.blocks[0]
+    selective = frontier(cost, MB)[-2]  # one output stored: every op through the dispatch modes
+    assert selective.decisions
+    assert block_forward_ms(work, cost, selective) == pytest.approx(7 * (0.05 + 0.5))  # over 2.4 ms of GPU
+    assert block_backward_ms(work, cost, selective) == pytest.approx(
+        max(2.4 * 2 + selective.recompute_ms, 7 * (0.05 * 3 + 0.4)))
+    for plan in (keep_block(cost), checkpoint_block(cost, {}), swap_block(cost)):  # no per-op Python
+        assert block_forward_ms(work, cost, plan) == pytest.approx(2.4)
+        assert block_backward_ms(work, cost, plan) == pytest.approx(2.4 * 2 + plan.recompute_ms)
+    quick = dataclasses.replace(work, host=HostCost(launch_ms=0.01, record_ms=0.02, replay_ms=0.02))
+    assert block_forward_ms(quick, cost, selective) == pytest.approx(2.4), "hidden behind the GPU"
+    forward = simulate(work, [selective]).forward_ms
+    assert forward == pytest.approx(2.0 + 7 * 0.55)  # the time outside the blocks, and the host's
+
+
+def test_auto_stores_fewer_outputs_per_op_when_the_host_sets_the_pace() -> None:
+    budget = 2500 * MB
+    gpu_only = make_plan(workload(gbps=0.5), "auto", budget)  # PCIe too slow to swap: recompute only
+    stores = [b for b in gpu_only.blocks if b.mode is BlockMode.CHECKPOINT and b.decisions]
+    assert stores, "with a free host, auto stores some outputs per op"
+    slow_host = dataclasses.replace(workload(gbps=0.5), host=HostCost(0.05, 0.5, 0.4))
+    plan = make_plan(slow_host, "auto", budget)
+    assert plan.predicted_peak <= budget
+    assert sum(bool(b.decisions) for b in plan.blocks) < len(stores)
+    # and it is faster, under the host's pace, than the plan that ignored it
+    assert plan.predicted_ms < simulate(slow_host, gpu_only.blocks).ms

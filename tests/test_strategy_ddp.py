@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.strategies import StrategyRegistry
 
 import deltaswap.strategy
-from deltaswap.swap import ActivationManager, HostRamShare, RankAgreement, SwapConfig
+from deltaswap.swap import ActivationManager, HostCost, HostRamShare, RankAgreement, SwapConfig
 from deltaswap.swap.planner import BlockCost, Workload
 from deltaswap.swap.profile import Bandwidth, OpRecord
 from deltaswap.swap.ranks import _flatten, _unflatten
@@ -116,7 +116,7 @@ def test_flatten_and_unflatten_round_trip_every_field() -> None:
     w = Workload(blocks=(BlockCost(ops, 5 * MB, 7 * MB, 11 * MB), BlockCost(ops, 13 * MB, 17 * MB, 19 * MB)),
                  other_bytes=23 * MB, other_ms=4.5, bandwidth=Bandwidth(29.0, 31.0, 37.0, 0.041),
                  lookahead=41 * MB, backward_ratio=2.3, peak_offset=-43 * MB, other_grad_bytes=47 * MB,
-                 head_transient=53 * MB, other_backward_ms=5.9)
+                 head_transient=53 * MB, other_backward_ms=5.9, host=HostCost(0.011, 0.043, 0.029))
     assert _unflatten(w, _flatten(w)) == w
     unmeasured = dataclasses.replace(w, other_backward_ms=None)
     assert _unflatten(unmeasured, _flatten(unmeasured)) == unmeasured
