@@ -61,8 +61,8 @@ class PlannedTraining(ManagerViews):
     swap_config: SwapConfig
     _open_step: contextlib.ExitStack | None = None
     wrap_at_setup: ClassVar[bool] = True
-    """Wrap the LightningModule's blocks before the Lightning strategy's own ``setup`` (``False``: the
-    strategy wraps them itself, after its own wrapping of the model, as FSDP needs)."""
+    """Wrap the LightningModule's blocks before the Lightning strategy's own ``setup`` (``False``: after
+    it, inside the model as the strategy has wrapped it, as FSDP needs)."""
     strategy_name: str
     strategy_description: str
     """What ``StrategyRegistry`` lists for ``strategy_name``."""
@@ -83,6 +83,8 @@ class PlannedTraining(ManagerViews):
         if self.wrap_at_setup:
             self._manager.wrap(self.lightning_module)  # type: ignore[attr-defined]  # before the optimizers exist
         super().setup(trainer)  # type: ignore[misc]
+        if not self.wrap_at_setup:
+            self._manager.wrap(self.model)  # type: ignore[attr-defined]  # as the strategy wrapped it
 
     @override
     def teardown(self) -> None:

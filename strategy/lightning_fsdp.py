@@ -4,6 +4,7 @@ all ranks on the same :class:`~deltaswap.swap.ActivationManager` plan."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.strategies import FSDPStrategy
@@ -63,7 +64,7 @@ class SwapFSDPStrategy(PlannedRanks, FSDPStrategy):
     strategy_name = "deltaswap_fsdp"
     strategy_description = ("deltaswap on Lightning's FSDP: every rank keeps, swaps or recomputes each "
                             "activation inside FSDP's units to fit a memory budget, on one agreed plan")
-    wrap_at_setup = False  # after FSDP has wrapped the model: see _setup_model
+    wrap_at_setup = False  # inside FSDP's units, once FSDP has wrapped the model
 
     def __init__(
         self, memory_budget: int | float | str = "auto", policy: str = "auto", **options: Any
@@ -83,27 +84,38 @@ class SwapFSDPStrategy(PlannedRanks, FSDPStrategy):
 
     @override
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        model = super()._setup_model(wrap_on_cpu(self, model))
-        assert self._manager is not None, "SwapFSDPStrategy._setup_model before setup"
-        self._manager.wrap(model)  # the blocks inside FSDP's units, after FSDP's own wrapping
-        return model
+        return setup_model(self, model, super()._setup_model)
 
 
-def wrap_on_cpu(strategy: FSDPStrategy, model: nn.Module) -> nn.Module:
-    """On a CPU rank, wrap ``model`` in FSDP the way ``strategy`` would on a GPU; elsewhere, or if
-    ``model`` already holds FSDP units, return it as it is (Lightning then keeps the wrapping).
+def setup_model(
+    strategy: FSDPStrategy, model: nn.Module, setup: Callable[[nn.Module], nn.Module]
+) -> nn.Module:
+    """``setup(model)`` (Lightning's ``FSDPStrategy._setup_model``), with the model first wrapped in FSDP
+    the way ``strategy`` would wrap it on a GPU when this rank trains on a CPU.
 
     Lightning passes FSDP the device's index, which a CPU device lacks, so FSDP refuses it; FSDP itself
-    trains on CPUs over gloo when given the device. This is what lets the FSDP composition run in CPU
-    tests; the strategy's ``auto_wrap_policy`` is consumed here, as Lightning consumes it when it finds a
-    wrapped model."""
+    trains on CPUs over gloo when given the device. This lets the FSDP composition run in CPU tests.
+
+    Args:
+        strategy: the FSDP strategy whose options (``auto_wrap_policy``, ``sharding_strategy``, ...) apply.
+        model: the model to set up; if it already holds FSDP units, Lightning keeps them as they are.
+        setup: Lightning's own model setup, given the wrapped model.
+
+    Returns:
+        The model as ``setup`` returns it.
+    """
     if strategy.root_device.type != "cpu" or any(
         isinstance(m, FullyShardedDataParallel) for m in model.modules()
     ):
-        return model
+        return setup(model)
     wrapped = FullyShardedDataParallel(
         model, cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision_config,
         sharding_strategy=strategy.sharding_strategy, device_id=strategy.root_device, **strategy.kwargs,
     )
-    strategy.kwargs.pop("auto_wrap_policy", None)  # applied: Lightning would warn that it ignores it
-    return wrapped
+    # applied: without it, Lightning would warn that it ignores the policy (and drop it for later fits)
+    policy = strategy.kwargs.pop("auto_wrap_policy", None)
+    try:
+        return setup(wrapped)
+    finally:
+        if policy is not None:
+            strategy.kwargs["auto_wrap_policy"] = policy

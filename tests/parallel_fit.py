@@ -9,7 +9,8 @@ fully sharded). On CPUs the ranks talk over gloo; with ``--cuda`` each uses one 
 deterministic kernels and math attention so that two runs can be compared bit for bit. Rank 0 saves the
 trained weights (FSDP's full state dict) to ``OUT_DIR/weights.pt``; with deltaswap every rank writes the
 plan it ran to ``OUT_DIR/plan_rank{R}.txt`` and the bytes its last step swapped out and back to
-``OUT_DIR/swapped_rank{R}.txt``.
+``OUT_DIR/swapped_rank{R}.txt``; under FSDP, whether the strategy still holds its ``auto_wrap_policy``
+for a later fit to ``OUT_DIR/policy_rank{R}.txt``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE as FSDP_PRE
 from typing_extensions import override  # noqa: E402
 
 import deltaswap.strategy  # noqa: E402  (registers the deltaswap strategies)
-from deltaswap.strategy.lightning_fsdp import wrap_on_cpu  # noqa: E402
+from deltaswap.strategy.lightning_fsdp import setup_model  # noqa: E402
 
 from gpt import Block  # noqa: E402
 from lightning_helpers import LitGPT, loader  # noqa: E402
@@ -45,7 +46,7 @@ class PlainFSDPStrategy(FSDPStrategy):
 
     @override
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        return super()._setup_model(wrap_on_cpu(self, model))
+        return setup_model(self, model, super()._setup_model)
 
 
 def make_strategy(args: argparse.Namespace) -> Any:
@@ -97,6 +98,8 @@ def main() -> None:
         engine = stats.engine if stats is not None else None
         moved = (engine.bytes_offloaded, engine.bytes_prefetched) if engine is not None else (0, 0)
         (args.out / f"swapped_rank{rank}.txt").write_text(f"{moved[0]} {moved[1]}")
+    if isinstance(trainer.strategy, FSDPStrategy):  # a later fit wraps its model the same way
+        (args.out / f"policy_rank{rank}.txt").write_text(str("auto_wrap_policy" in trainer.strategy.kwargs))
     with gathered(trainer.strategy):
         weights = {k.replace(f"{FSDP_PREFIX}.", ""): v.detach().cpu().clone()
                    for k, v in module.state_dict().items()}

@@ -32,6 +32,8 @@ def test_deltaswap_fsdp_trains_on_two_cpu_processes_like_plain_fsdp(tmp_path: Pa
     plans = [(tmp_path / "ours" / f"plan_rank{r}.txt").read_text() for r in (0, 1)]
     assert plans[0] == plans[1], "every rank runs the same plan"
     assert "checkpoint" in plans[0], "the budget made the plan recompute"
+    for run in ("plain", "ours"):  # the CPU wrapping leaves the strategy's options for the next fit
+        assert all((tmp_path / run / f"policy_rank{r}.txt").read_text() == "True" for r in (0, 1)), run
 
 
 def test_deltaswap_fsdp_is_registered_and_splits_its_options() -> None:
@@ -95,8 +97,10 @@ def _swap_inside_fsdp(rank: int, policy: str, use_orig_params: bool, init: str, 
         torch.manual_seed(0)
         unsharded = ActivationManager(SwapConfig(policy=policy, min_bytes=0), backend=SyncCopyBackend())
         _train(unsharded.wrap(GPT(CFG)), unsharded)
+        assert mgr.plan is not None
         result = (_full_weights(plain), _full_weights(model), mgr.block_names,
-                  mgr.stats.engine.bytes_offloaded, unsharded.stats.engine.bytes_offloaded)
+                  mgr.stats.engine.bytes_offloaded, unsharded.stats.engine.bytes_offloaded,
+                  [b.mode.value for b in mgr.plan.blocks])
     finally:
         dist.destroy_process_group()
     torch.save(result, f"{out}/rank{rank}.pt")
@@ -111,7 +115,8 @@ def test_blocks_inside_fully_sharded_units_swap_activations_only_with_fsdp_gradi
     mp.spawn(_swap_inside_fsdp, args=(policy, use_orig_params, f"file://{tmp_path}/init", str(tmp_path)),
              nprocs=2)
     for rank in (0, 1):
-        plain, ours, names, swapped, swapped_unsharded = torch.load(tmp_path / f"rank{rank}.pt")
+        plain, ours, names, swapped, swapped_unsharded, modes = torch.load(tmp_path / f"rank{rank}.pt")
+        assert modes == [{"swap": "swap", "recompute": "checkpoint"}[policy]] * CFG.n_layer
         assert len(plain) == len(ours) > 0
         for expected, actual in zip(plain, ours, strict=True):
             assert torch.equal(expected, actual)
