@@ -50,6 +50,7 @@ from .profile import Bandwidth, OpProfiler, measure_bandwidth
 from .ranks import RankAgreement
 from .recompute import LocalStore, OpDecision, _Frame, _RecordingMode, checkpoint_all, checkpoint_with_policy
 from .stats import OffloadStats
+from .step import held_elsewhere
 
 PLAN_CACHE_SIZE = 8
 """Plans kept for different input shapes; the least recently used is dropped beyond this."""
@@ -75,7 +76,7 @@ def find_blocks(model: nn.Module, block_types: tuple[type, ...] | None) -> list[
             continue
         groups: dict[type, list[nn.Module]] = {}
         for child in container.children():
-            groups.setdefault(type(child), []).append(child)
+            groups.setdefault(type(_inside_fsdp_unit(child)), []).append(child)
         for members in groups.values():
             if len(members) > len(best) and len(members) >= 2 and any(True for _ in members[0].parameters()):
                 best = members

@@ -18,6 +18,14 @@ from .stats import StepCounters
 Saved = KeptTensor | SwappedTensor
 
 
+def held_elsewhere(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a parameter, a user leaf that requires grad, or a view of one (``weight.t()``
+    in a linear layer; under FSDP, the views of its gathered flat parameter): saved, it holds no memory
+    of its own, and swapping it would move bytes and free none."""
+    base = tensor if tensor._base is None else tensor._base
+    return isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad)
+
+
 class OffloadStep:
     """The pack and unpack hooks of one step.
 
@@ -71,13 +79,9 @@ class OffloadStep:
         # (or checkpointed) ones must not hold its device bytes until the forward ends.
         self._reap()
         base = tensor if tensor._base is None else tensor._base
-        # Parameters, module buffers, user leaves that require grad, and views of them (``weight.t()``
-        # in a linear layer) are held elsewhere anyway: swapping them would move bytes, freeing none.
-        is_activation = not (
-            isinstance(base, torch.nn.Parameter)
-            or (base.is_leaf and base.requires_grad)
-            or (base.is_leaf and base.data_ptr() in self._buffer_ptrs)
-        )
+        # module buffers and their views, like parameters, are held elsewhere anyway
+        buffer = base.is_leaf and base.data_ptr() in self._buffer_ptrs
+        is_activation = not (held_elsewhere(tensor) or buffer)
         if not (is_activation and self._swappable(tensor, nbytes) and (force or self._swap_enabled())):
             return self._keep(tensor, position, nbytes if is_activation else 0)
         storage = tensor.untyped_storage()

@@ -358,3 +358,29 @@ def test_wrapping_another_model_forgets_the_plans_of_the_first() -> None:
     assert mgr.stats.profiling, "another model is profiled, not run on the first one's plan"
     train(other, batches[1:], mgr)
     assert mgr.plan is not None and len(mgr.plan.blocks) == 6
+
+
+class _LinearBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+def test_the_profiled_saved_bytes_leave_out_views_of_parameters() -> None:
+    """A linear layer saves its input and ``weight.t()``, a view of a parameter that the engine never
+    swaps (it holds no memory of its own); the profile counts the input and the relu's output only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), _LinearBlock(), _LinearBlock())  # blocks' inputs need grad
+    mgr = ActivationManager(SwapConfig(policy="keep", min_bytes=0))
+    mgr.wrap(model)
+    x = torch.ones(4, 16)
+    with mgr.step():
+        loss = model(x).sum()
+    loss.backward()
+    work = mgr.workload
+    assert work is not None
+    assert work.blocks[0].saved_bytes == 2 * 4 * 16 * 4, "the input and relu's output, fp32"
+
