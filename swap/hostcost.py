@@ -57,8 +57,8 @@ def measure_host_cost(
 ) -> HostCost:
     """Time, on the host, ``repeats`` calls of a small block on ``device`` (kernels so small that the
     host, not the device, sets the pace): plainly, under torch's checkpoint, and under deltaswap's
-    per-op checkpoint, forward and backward. The median of ``trials``; about 0.1 s. Waits for the device;
-    uses constant values, so no random generator moves.
+    per-op checkpoint, forward and backward. The median of ``trials``; about a second (on an H200's
+    host). Waits for the device; uses constant values, so no random generator moves.
 
     Example::
 

@@ -511,7 +511,7 @@ class ActivationManager:
             saved: dict[int, int] = {}
 
             def spy(t: torch.Tensor) -> torch.Tensor:
-                if not isinstance(t, nn.Parameter) and not (t.is_leaf and t.requires_grad):
+                if not held_elsewhere(t):  # what the engine would keep or swap
                     saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
                 return t
 

@@ -506,9 +506,9 @@ def _checkpoint_until_fits(
     work: Workload, plans: list[BlockPlan], budget: int, fronts: _Frontiers, *, swap_inputs: bool = True
 ) -> tuple[list[BlockPlan], Prediction]:
     """Checkpoint the kept blocks along their frontiers, always taking the move that frees memory for
-    the least recompute time per byte (judged locally; the plan is simulated again once the moves have
-    freed as many bytes as the peak is over); if that is not enough, swap the checkpointed blocks'
-    inputs, earliest first."""
+    the least block time per byte (:func:`block_ms`, judged locally; the plan is simulated again once
+    the moves have freed as many bytes as the peak is over); if that is not enough, swap the
+    checkpointed blocks' inputs, earliest first."""
     plans = list(plans)
     pred = simulate(work, plans)
 
@@ -573,9 +573,10 @@ def _relax(
     work: Workload, plans: list[BlockPlan], budget: int, fronts: _Frontiers
 ) -> tuple[list[BlockPlan], Prediction]:
     """Move checkpointed blocks back up their frontiers (store more, recompute less) while the peak
-    fits, always taking the move that saves the most recompute time per byte it adds. Moves are taken
-    while the bytes they add fit the room under the budget, then the plan is simulated again; when it
-    does not fit, the longest run of those moves that does is kept and the next move is ruled out."""
+    fits, always taking the move that saves the most block time (:func:`block_ms`) per byte it adds.
+    Moves are taken while the bytes they add fit the room under the budget, then the plan is simulated
+    again; when it does not fit, the longest run of those moves that does is kept and the next move is
+    ruled out."""
     plans = list(plans)
     pred = simulate(work, plans)
     position = {k: j for k, p in enumerate(plans)

@@ -68,11 +68,13 @@ def test_host_ram_share_divides_the_available_ram_between_the_ranks_of_a_host() 
         HostRamShare(0)
 
 
-def work(ms: float, out_mb: int, gbps: float, first_op: str = "aten.mm.default") -> Workload:
+def work(ms: float, out_mb: int, gbps: float, first_op: str = "aten.mm.default",
+         host_ms: float = 0.01) -> Workload:
     ops = (OpRecord(0, first_op, out_mb * MB, ms, True), OpRecord(1, "aten.gelu.default", MB, 0.1, True))
     block = BlockCost(ops, input_bytes=4 * MB, saved_bytes=(out_mb + 1) * MB)
     return Workload(blocks=(block, block), other_bytes=MB, other_ms=1.0,
-                    bandwidth=Bandwidth(gbps, gbps, 2 * gbps))
+                    bandwidth=Bandwidth(gbps, gbps, 2 * gbps),
+                    host=HostCost(launch_ms=0.01, record_ms=host_ms, replay_ms=0.02))
 
 
 def _agree(rank: int, works: list[Workload], init: str, out: str) -> None:
@@ -94,14 +96,15 @@ def agree(works: list[Workload], tmp_path: Path) -> list[object]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(len(works))]
 
 
-def test_ranks_agree_on_the_slowest_ops_the_largest_tensors_and_the_slowest_link(tmp_path: Path) -> None:
-    ranks = agree([work(1.0, 8, 50.0), work(2.0, 4, 20.0)], tmp_path)
+def test_ranks_agree_on_the_slowest_ops_largest_tensors_slowest_link_and_host(tmp_path: Path) -> None:
+    ranks = agree([work(1.0, 8, 50.0, host_ms=0.03), work(2.0, 4, 20.0)], tmp_path)
     (a, budget_a, some, every), (b, budget_b, _, _) = ranks
     assert a == b
     assert [op.ms for op in a.blocks[0].ops] == [2.0, 0.1]
     assert a.blocks[0].ops[0].out_bytes == 8 * MB
     assert a.blocks[0].saved_bytes == 9 * MB
     assert a.bandwidth == Bandwidth(20.0, 20.0, 40.0)
+    assert a.host == HostCost(launch_ms=0.01, record_ms=0.03, replay_ms=0.02), "the slowest host"
     assert budget_a == budget_b == 1000, "the smallest budget"
     assert (some, every) == (False, True)
 
@@ -116,7 +119,8 @@ def test_flatten_and_unflatten_round_trip_every_field() -> None:
     w = Workload(blocks=(BlockCost(ops, 5 * MB, 7 * MB, 11 * MB), BlockCost(ops, 13 * MB, 17 * MB, 19 * MB)),
                  other_bytes=23 * MB, other_ms=4.5, bandwidth=Bandwidth(29.0, 31.0, 37.0, 0.041),
                  lookahead=41 * MB, backward_ratio=2.3, peak_offset=-43 * MB, other_grad_bytes=47 * MB,
-                 head_transient=53 * MB, other_backward_ms=5.9, host=HostCost(0.011, 0.043, 0.029))
+                 head_transient=53 * MB, other_backward_ms=5.9,
+                 host=HostCost(0.011, 0.043, 0.029))
     assert _unflatten(w, _flatten(w)) == w
     unmeasured = dataclasses.replace(w, other_backward_ms=None)
     assert _unflatten(unmeasured, _flatten(unmeasured)) == unmeasured
