@@ -482,7 +482,7 @@ class ActivationManager:
         bp = plan.blocks[call]
         if bp.mode is BlockMode.CHECKPOINT:
             with self._offloader.swapping(bp.swap_input):
-                if not bp.decisions:  # nothing stored: torch's checkpoint alone, no per-op Python
+                if not bp.per_op:  # nothing stored: torch's checkpoint alone, no per-op Python
                     return checkpoint_all(block, *args, fn_kwargs=kwargs)
                 return checkpoint_with_policy(block, *args, policy=bp.policy(), store=store, fn_kwargs=kwargs)
         with self._offloader.swapping(bp.mode is BlockMode.SWAP):

@@ -97,6 +97,12 @@ class BlockPlan:
     recompute_ops: int = 0
     """Ops of the block run again in the backward (casts aside: they are not counted as ops)."""
 
+    @property
+    def per_op(self) -> bool:
+        """Whether the block runs every op through deltaswap's dispatch modes: checkpointed and storing
+        some outputs (a checkpointed block that stores nothing runs under torch's checkpoint alone)."""
+        return self.mode is BlockMode.CHECKPOINT and bool(self.decisions)
+
     def policy(self) -> OpPolicy:
         """The per-op policy for :func:`~deltaswap.swap.recompute.checkpoint_with_policy`."""
         decisions = self.decisions
@@ -241,7 +247,7 @@ def frontier(cost: BlockCost, min_bytes: int) -> list[BlockPlan]:
 def block_forward_ms(work: Workload, cost: BlockCost, plan: BlockPlan) -> float:
     """One block's forward time under ``plan``: its ops' GPU time, or, for a checkpointed block that
     stores some outputs (every op through the recording mode), the host's time to issue them if longer."""
-    if plan.mode is not BlockMode.CHECKPOINT or not plan.decisions:
+    if not plan.per_op:
         return cost.forward_ms
     return max(cost.forward_ms, len(cost.ops) * (work.host.launch_ms + work.host.record_ms))
 
@@ -250,7 +256,7 @@ def block_backward_ms(work: Workload, cost: BlockCost, plan: BlockPlan) -> float
     """One block's backward time under ``plan``, its recompute included; for a checkpointed block that
     stores some outputs (its recompute through the replaying mode), the host's time if longer."""
     gpu = cost.forward_ms * work.backward_ratio + plan.recompute_ms
-    if plan.mode is not BlockMode.CHECKPOINT or not plan.decisions:
+    if not plan.per_op:
         return gpu
     host = work.host
     return max(gpu, len(cost.ops) * (host.launch_ms * (1 + work.backward_ratio) + host.replay_ms))
