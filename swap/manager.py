@@ -20,20 +20,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.graph import saved_tensors_hooks
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     _CHECKPOINT_WRAPPED_MODULE,
     CheckpointWrapper,
     apply_activation_checkpointing,
     checkpoint_wrapper,
 )
+from torch.utils._pytree import tree_leaves
 
+from .arguments import without_cache
 from .backend import CopyBackend, CudaCopyBackend
+from .blockprofile import BlockProfile, grad_bytes, shape_key
 from .config import UNLIMITED, SwapConfig, format_budget, format_bytes
+from .discovery import describe_blocks, find_blocks
 from .hostcost import NO_HOST_COST, HostCost, measure_host_cost
 from .offloader import ActivationOffloader
 from .planner import (
-    BlockCost,
     BlockMode,
     BlockPlan,
     Plan,
@@ -46,50 +48,15 @@ from .planner import (
     simulate,
 )
 from .pool import HostMemoryError, available_host_bytes, share_note
-from .profile import Bandwidth, OpProfiler, measure_bandwidth
+from .profile import Bandwidth, measure_bandwidth
 from .ranks import RankAgreement
-from .recompute import LocalStore, OpDecision, _Frame, _RecordingMode, checkpoint_all, checkpoint_with_policy
+from .recompute import OpPolicy, checkpoint_all, checkpoint_with_policy
 from .stats import OffloadStats
-from .step import held_elsewhere
 
 PLAN_CACHE_SIZE = 8
 """Plans kept for different input shapes; the least recently used is dropped beyond this."""
 
 _NO_PCIE = Bandwidth(1e-6, 1e-6, 2e-6)  # without a GPU there is nothing to swap to: never worth it
-
-
-def find_blocks(model: nn.Module, block_types: tuple[type, ...] | None) -> list[nn.Module]:
-    """The modules to plan per block: instances of ``block_types``, or else the largest run of sibling
-    modules of one class inside a ``ModuleList`` or ``Sequential`` (the repeated layers). Where those
-    siblings are FSDP units (``FullyShardedDataParallel``), the blocks are the modules they wrap: planned
-    inside the unit, a block is recomputed while FSDP holds its parameters gathered, as torch's
-    activation checkpointing composes with FSDP."""
-    if block_types is not None:
-        found = [(name, m) for name, m in model.named_modules() if isinstance(m, block_types)]
-        # only the outermost: a block inside another block runs (and is recomputed) with its parent
-        outer = [(name, m) for name, m in found
-                 if not any(name.startswith(f"{other}.") for other, _ in found if other != name)]
-        return [m for _, m in outer]
-    best: list[nn.Module] = []
-    for container in model.modules():
-        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
-            continue
-        groups: dict[type, list[nn.Module]] = {}
-        for child in container.children():
-            groups.setdefault(type(_inside_fsdp_unit(child)), []).append(child)
-        for members in groups.values():
-            if len(members) > len(best) and len(members) >= 2 and any(True for _ in members[0].parameters()):
-                best = members
-    return [_inside_fsdp_unit(m) for m in best]
-
-
-def _inside_fsdp_unit(module: nn.Module) -> nn.Module:
-    """The module an FSDP unit wraps (``module`` itself if it is none)."""
-    if not torch.distributed.is_available():
-        return module
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return module.module if isinstance(module, FullyShardedDataParallel) else module
 
 
 @dataclass(frozen=True)
@@ -119,23 +86,6 @@ class ManagerStats:
                 f"forward+backward {self.measured_ms:.1f} ms (predicted {self.predicted_ms:.1f} ms), "
                 f"predicted peak {format_bytes(self.predicted_peak)}, {self.recompute_ops} ops recomputed)\n"
                 f"{self.engine}")
-
-
-class _Profile:
-    """What the profiling step collects."""
-
-    def __init__(self, device: str) -> None:
-        self.ops = OpProfiler(device)
-        self.inputs: list[int] = []
-        self.saved: list[int] = []  # plain saved bytes, measured for the first block
-        self.baseline = 0  # GPU bytes allocated when the step began
-        self.forward_end = 0  # activation bytes held when the forward pass ended
-        # read in the backward: when the last block's output gets its gradient (the head's backward is
-        # done) and when the first block's input gets its gradient (the blocks' backward is done)
-        self.head_peak: int | None = None
-        self.head_mark: Any = None
-        self.blocks_peak: int | None = None
-        self.blocks_mark: Any = None
 
 
 class ActivationManager:
@@ -193,14 +143,20 @@ class ActivationManager:
         self._blocks: list[nn.Module] = []
         self._model: nn.Module | None = None
         self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
-        self._works: dict[tuple[Any, ...], tuple[Workload, _Profile, Any]] = {}
+        self._works: dict[tuple[Any, ...], tuple[Workload, BlockProfile, Any]] = {}
         self._calibrated: dict[tuple[Any, ...], Workload] = {}
         self._manual: dict[tuple[Any, ...], tuple[BlockPlan, ...]] = {}
         self._late: set[tuple[Any, ...]] = set()
         self._observed: set[tuple[Any, ...]] = set()
         self._plan: Plan | None = None
-        self._profile: _Profile | None = None
-        self._pending: tuple[tuple[Any, ...], _Profile, Any, Any, int] | None = None
+        self._profile: BlockProfile | None = None
+        self._pending: tuple[tuple[Any, ...], BlockProfile, Any, Any, int] | None = None
+        self._stale: set[tuple[Any, ...]] = set()
+        self._engine: contextlib.ExitStack | None = None
+        self._warned_cache = False
+        self._warned_diverged = False
+        self._engine_on = False
+        self._expected: dict[tuple[Any, ...], tuple[tuple[str, ...], ...]] = {}
         self._call = 0
         self._key: tuple[Any, ...] = ()
         self._in_step = False
@@ -212,21 +168,28 @@ class ActivationManager:
         self._step_clean = False
         self._backward_mark: Any = None
         self._names: list[str] = []
+        self._name_of: dict[int, str] = {}
         self._last_model: weakref.ref[nn.Module] | None = None
         self._originals: list[tuple[nn.Module, str, nn.Module]] = []
 
     # -- setup --------------------------------------------------------------------------------------
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """Find the model's repeated blocks (or ``block_types``) and route their calls through the
-        manager. Returns the same model object, modified in place.
+    def wrap(self, model: nn.Module, blocks: Sequence[nn.Module] | None = None) -> nn.Module:
+        """Find the model's blocks and route their calls through the manager. Returns the same model
+        object, modified in place.
+
+        The blocks are ``blocks`` if given (modules of ``model``, none inside another), else the modules
+        of ``SwapConfig.block_types``, else every container's repeated children
+        (:func:`~deltaswap.swap.discovery.find_blocks`); :attr:`block_names` lists them, and every plan
+        says how much of the step's activations lies outside them.
 
         Calling it again with the same model does nothing; :meth:`unwrap` undoes it.
 
         Raises:
-            ValueError: if no blocks are found (the message says how to name them), if the blocks are
-                already wrapped by another manager or by torch's ``checkpoint_wrapper``, if this manager
-                already wraps another model, or if the model (or a part of it) is compiled with
-                ``torch.compile``.
+            ValueError: if no blocks are found (the message says how to name them), if ``blocks`` are
+                not modules of ``model`` or one lies inside another, if the blocks are already wrapped
+                by another manager or by torch's ``checkpoint_wrapper``, if Hugging Face gradient
+                checkpointing is on, if this manager already wraps another model, or if the model (or a
+                part of it) is compiled with ``torch.compile``.
         """
         if self._model is model:
             return model
@@ -244,8 +207,9 @@ class ActivationManager:
                 "torch.compile does not trace): wrap the uncompiled model and do not compile it, or "
                 "compile without deltaswap"
             )
-        blocks = find_blocks(model, self.config.block_types)
         names = {id(m): name for name, m in model.named_modules()}
+        blocks = list(blocks) if blocks is not None else find_blocks(model, self.config.block_types)
+        _check_given_blocks(blocks, names)
         if any(isinstance(b, CheckpointWrapper) or _CHECKPOINT_WRAPPED_MODULE in names[id(b)].split(".")
                for b in blocks):
             raise ValueError(
@@ -254,9 +218,19 @@ class ActivationManager:
             )
         if not blocks:
             raise ValueError(
-                f"deltaswap found no repeated blocks in {type(model).__name__}: no ModuleList or Sequential "
-                f"holds two or more modules of one class with parameters. Name the block class with "
-                f"SwapConfig(block_types=(YourLayer,))."
+                f"deltaswap found no repeated blocks in {type(model).__name__}: no ModuleList, Sequential "
+                f"or ModuleDict holds two or more modules of one class with parameters. Name the block "
+                f"class with SwapConfig(block_types=(YourLayer,)), or pass the modules: "
+                f"mgr.wrap(model, blocks=[...])."
+            )
+        checkpointing = [names[id(b)] for b in blocks if getattr(b, "gradient_checkpointing", False) is True]
+        if checkpointing:
+            raise ValueError(
+                f"Hugging Face gradient checkpointing is on in {type(model).__name__} (its layer "
+                f"{checkpointing[0]} checkpoints itself): deltaswap decides what to recompute. Call "
+                f"model.gradient_checkpointing_disable() (activation_checkpointing_disable() in newer "
+                f"transformers) before wrapping; deltaswap turns the KV cache off in training steps, as "
+                f"HF's checkpointing does."
             )
         ids = {id(b) for b in blocks}
         apply_activation_checkpointing(
@@ -273,6 +247,7 @@ class ActivationManager:
         self._blocks, self._model = blocks, model
         self._last_model = weakref.ref(model)
         self._names = [names[id(b)] for b in blocks]
+        self._name_of = {id(b): names[id(b)] for b in blocks}
         return model
 
     def unwrap(self) -> nn.Module | None:
@@ -283,6 +258,7 @@ class ActivationManager:
         for parent, child_name, wrapper in self._originals:
             setattr(parent, child_name, wrapper._checkpoint_wrapped_module)
         self._originals, self._model, self._blocks, self._names = [], None, [], []
+        self._name_of = {}
         return model
 
     def close(self) -> None:
@@ -307,6 +283,12 @@ class ActivationManager:
         """The qualified names of the wrapped blocks in the model, in order (e.g. ``blocks.0``)."""
         return list(self._names)
 
+    @property
+    def blocks_summary(self) -> str:
+        """The wrapped blocks for people, a run of one class at a time:
+        ``layer1.0 .. layer4.2: Bottleneck x16``."""
+        return describe_blocks(self._names, self._blocks)
+
     def replan(self, config: SwapConfig | None = None) -> None:
         """Forget every plan (optionally switching to a new budget or policy); the next step profiles
         again. The engine and its pinned pool are kept."""
@@ -321,6 +303,8 @@ class ActivationManager:
         self._manual.clear()
         self._observed.clear()
         self._late.clear()
+        self._expected.clear()
+        self._stale.clear()
         self._plan, self._pending, self._bandwidth, self._host_cost = None, None, None, None
 
     # -- per step -----------------------------------------------------------------------------------
@@ -346,11 +330,17 @@ class ActivationManager:
         self._finish_profiling()
         self._finish_late_profiles()
         self._observe()
+        for key in self._stale:  # a block ran other ops than profiled: profile that shape again
+            self._forget(key)
+        self._stale.clear()
         self._call, self._step_plan, self._profile = 0, None, None
         self._backward_mark = None
         pool_before = self._offloader.pinned_bytes_reserved
         self._step_clean = False
-        with self._offloader, self._offloader.swapping(False):
+        with contextlib.ExitStack() as engine:
+            self._engine, self._engine_on = engine, False
+            if not _keeps_everything(self._plan):
+                self._enter_engine()  # else at the first block, if this step's plan is another one
             start = self._mark()
             self._baseline = torch.cuda.memory_allocated() if self._on_cuda() else 0
             self._in_step = True
@@ -360,6 +350,7 @@ class ActivationManager:
                 raise torch.OutOfMemoryError(self._out_of_memory(err)) from err
             finally:
                 self._in_step = False
+                self._engine = None
                 self._step_marks = (start, self._mark())
         # a step that grew the pinned pool (pinned allocations synchronize) does not represent the others
         self._step_clean = self._offloader.pinned_bytes_reserved == pool_before
@@ -368,6 +359,15 @@ class ActivationManager:
                 self._profile.forward_end = torch.cuda.memory_allocated() - self._profile.baseline
             self._pending = (self._key, self._profile, *self._step_marks, self._offloader.saved_bytes)
 
+    def _enter_engine(self) -> None:
+        """Start the swap engine for the rest of this step. A step whose plan keeps everything never
+        starts it: no saved-tensor hooks, no per-tensor or per-module work, nothing to pay when nothing
+        moves."""
+        if self._engine is not None and not self._engine_on:
+            self._engine.enter_context(self._offloader)
+            self._engine.enter_context(self._offloader.swapping(False))
+            self._engine_on = True
+
     def _out_of_memory(self, err: torch.OutOfMemoryError) -> str:
         """What to tell a user whose step ran out of GPU memory: the plan's numbers and what to change.
         Nothing is left behind: the next step (a smaller batch is a new shape, profiled again) runs."""
@@ -375,8 +375,9 @@ class ActivationManager:
         plan = self._step_plan
         if plan is None:
             return (f"deltaswap: out of GPU memory in the profiling step of this input shape, which runs "
-                    f"with the least memory deltaswap can profile with (the first block plainly, every "
-                    f"other block checkpointed). Lower the batch size or the sequence length. ({first})")
+                    f"with the least memory deltaswap can profile with (the first block of each kind "
+                    f"plainly, every other block checkpointed). Lower the batch size or the sequence "
+                    f"length. ({first})")
         return (f"deltaswap: out of GPU memory in a step under the plan (policy {plan.policy}, budget "
                 f"{format_budget(plan.budget)}, predicted activation peak "
                 f"{format_bytes(plan.predicted_peak)}). Lower memory_budget to leave more room for what "
@@ -459,24 +460,16 @@ class ActivationManager:
     def _run_block(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not self._in_step or not torch.is_grad_enabled():
             return block(*args, **kwargs)  # evaluation, no_grad, or outside a step: untouched
+        args, kwargs = self._without_cache(block, args, kwargs)
         call = self._call
         self._call += 1
         if call == 0:
-            first = next((a for a in args if isinstance(a, torch.Tensor) and a.requires_grad), None)
-            if first is not None:  # its gradient arrives when the blocks' backward ends
-                first.register_hook(self._backward_done)
-            self._key = _shape_key(args, kwargs)
-            self._step_plan = self._plans.get(self._key)
-            if self._step_plan is not None:
-                self._plans.move_to_end(self._key)
-                self._plan = self._step_plan
-            else:
-                self._profile = _Profile("cuda" if self._on_cuda() else "cpu")
+            self._first_block(args, kwargs)
         plan = self._step_plan
-        store = self._offloader.store
         if plan is None:
             return self._profile_block(call, block, *args, **kwargs)
         if call >= len(plan.blocks):  # more block calls than when this shape was profiled: least memory
+            self._diverged(self._key, self._name_of.get(id(block), "?"))
             with self._offloader.swapping(False):
                 return checkpoint_all(block, *args, fn_kwargs=kwargs)
         bp = plan.blocks[call]
@@ -484,9 +477,74 @@ class ActivationManager:
             with self._offloader.swapping(bp.swap_input):
                 if not bp.per_op:  # nothing stored: torch's checkpoint alone, no per-op Python
                     return checkpoint_all(block, *args, fn_kwargs=kwargs)
-                return checkpoint_with_policy(block, *args, policy=bp.policy(), store=store, fn_kwargs=kwargs)
+                return checkpoint_with_policy(block, *args, policy=self._op_policy(call, bp, block),
+                                              store=self._offloader.store, fn_kwargs=kwargs)
+        if bp.mode is BlockMode.KEEP and not self._engine_on:
+            return block(*args, **kwargs)
         with self._offloader.swapping(bp.mode is BlockMode.SWAP):
             return block(*args, **kwargs)
+
+    def _first_block(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """At the step's first block call: find the plan of this input shape, or begin profiling it."""
+        first = _first_grad_tensor(args)
+        if first is not None:  # its gradient arrives when the blocks' backward ends
+            first.register_hook(self._backward_done)
+        self._key = shape_key(args, kwargs)
+        self._step_plan = self._plans.get(self._key)
+        if self._step_plan is not None:
+            self._plans.move_to_end(self._key)
+            self._plan = self._step_plan
+        else:
+            self._profile = BlockProfile("cuda" if self._on_cuda() else "cpu")
+        if not _keeps_everything(self._step_plan):
+            self._enter_engine()
+
+    def _without_cache(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                       ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The block's arguments with any KV cache turned off (:func:`~deltaswap.swap.arguments.
+        without_cache`); the first time, one warning naming the model."""
+        args, kwargs, changed = without_cache(block, args, kwargs)
+        if changed and not self._warned_cache:
+            self._warned_cache = True
+            model = type(self._model).__name__ if self._model is not None else "the model"
+            warnings.warn(
+                f"deltaswap: {model} keeps a KV cache in its training forward; deltaswap turns it off in "
+                f"training steps ({', '.join(changed)} in {type(block).__name__}), as Hugging Face's "
+                f"gradient checkpointing does: a recomputed layer would add to the cache a second time. "
+                f"Set model.config.use_cache = False to train without it and silence this warning.",
+                UserWarning,
+                stacklevel=4,
+            )
+        return args, kwargs
+
+    def _op_policy(self, call: int, bp: BlockPlan, block: nn.Module) -> OpPolicy:
+        """The per-op policy of block call ``call``, guarded: from the first op that differs from the
+        profile, the call recomputes everything and the shape is profiled again at the next step."""
+        work = self._works.get(self._key)
+        if work is None:
+            return bp.policy()
+        expected = self._expected.get(self._key)
+        if expected is None:
+            expected = self._expected[self._key] = tuple(tuple(op.op for op in b.ops) for b in work[0].blocks)
+        name = self._name_of.get(id(block), "?")
+        return bp.policy(expected[call], partial(self._diverged, self._key, name))
+
+    def _diverged(self, key: tuple[Any, ...], name: str) -> None:
+        """A block call ran other ops (or the step more block calls) than when ``key`` was profiled."""
+        if key in self._stale:
+            return
+        self._stale.add(key)
+        if not self._warned_diverged:
+            self._warned_diverged = True
+            warnings.warn(
+                f"deltaswap: block {name} ran other ops than when this input shape was profiled (or the "
+                f"step called more blocks); it recomputes everything in this step, and the shape is "
+                f"profiled again at the next step. Blocks whose ops depend on the data (not only on "
+                f"shapes) are profiled again whenever they change: leave them out of deltaswap's blocks "
+                f"if that happens often.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _backward_done(self, grad: torch.Tensor) -> None:
         self._backward_mark = self._mark()
@@ -494,45 +552,27 @@ class ActivationManager:
     def _profile_block(self, call: int, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         profile = self._profile
         assert profile is not None
-        profile.inputs.append(sum(_nbytes(a) for a in args))
         if call == 0 and self._on_cuda():
             profile.baseline = self._baseline
             torch.cuda.reset_peak_memory_stats()
-            first = next((a for a in args if isinstance(a, torch.Tensor) and a.requires_grad), None)
+            first = _first_grad_tensor(args)
             if first is not None:  # its gradient arrives at the end of the blocks' backward
                 first.register_hook(partial(self._blocks_done, profile))
-        out = self._run_profiled(call, profile, block, *args, **kwargs)
-        if self._on_cuda() and isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(partial(self._head_done, profile))  # the last block's fires first
+        with self._offloader.swapping(False):
+            out = profile.run(call, block, self._name_of.get(id(block), type(block).__name__),
+                              self._offloader.store, *args, **kwargs)
+        last = _first_grad_tensor(tree_leaves(out))
+        if self._on_cuda() and last is not None:
+            last.register_hook(partial(self._head_done, profile))  # the last block's fires first
         return out
 
-    def _run_profiled(self, call: int, profile: _Profile, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if call == 0:  # the first block runs plainly once, to measure what it saves
-            saved: dict[int, int] = {}
-
-            def spy(t: torch.Tensor) -> torch.Tensor:
-                if not held_elsewhere(t):  # what the engine would keep or swap
-                    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                return t
-
-            frame = _Frame(_recompute_all, LocalStore(), profile.ops)
-            with saved_tensors_hooks(spy, lambda t: t), _RecordingMode(frame):
-                out = block(*args, **kwargs)
-            profile.saved.append(sum(saved.values()))
-            return out
-        with self._offloader.swapping(False):
-            return checkpoint_with_policy(
-                block, *args, policy=_recompute_all, store=self._offloader.store, profiler=profile.ops,
-                fn_kwargs=kwargs,
-            )
-
-    def _head_done(self, profile: _Profile, grad: torch.Tensor) -> None:
+    def _head_done(self, profile: BlockProfile, grad: torch.Tensor) -> None:
         if profile.head_mark is None:
             profile.head_peak = torch.cuda.max_memory_allocated() - profile.baseline
             profile.head_mark = self._mark()
             torch.cuda.reset_peak_memory_stats()
 
-    def _blocks_done(self, profile: _Profile, grad: torch.Tensor) -> None:
+    def _blocks_done(self, profile: BlockProfile, grad: torch.Tensor) -> None:
         profile.blocks_peak = torch.cuda.max_memory_allocated() - profile.baseline
         profile.blocks_mark = self._mark()
 
@@ -542,19 +582,12 @@ class ActivationManager:
             return
         key, profile, start, end, saved_total = self._pending
         self._pending = None
-        calls = profile.ops.blocks()
-        op_bytes = [sum(op.out_bytes for op in ops) for ops in calls]
-        plain_first = profile.saved[0]
-        grads = [_grad_bytes(b) for b in self._blocks]
-        blocks = tuple(
-            BlockCost(tuple(ops), profile.inputs[k],
-                      int(plain_first * op_bytes[k] / op_bytes[0]) if op_bytes[0] else plain_first,
-                      grads[k] if k < len(grads) else 0)
-            for k, ops in enumerate(calls)
-        )
+        blocks = profile.costs()
+        plain = set(profile.plain_calls)
         block_ms = sum(b.forward_ms for b in blocks)
         other_ms = max(0.0, self._elapsed(start, end) - block_ms)
-        other_bytes = max(0, saved_total - sum(profile.inputs[1:]))
+        # the engine saw the checkpointed calls' inputs and what lies outside the blocks
+        other_bytes = max(0, saved_total - sum(b.input_bytes for k, b in enumerate(blocks) if k not in plain))
         work = Workload(
             blocks=blocks,
             other_bytes=other_bytes,
@@ -567,7 +600,10 @@ class ActivationManager:
             ),
             lookahead_fraction=(self.config.prefetch_lookahead
                                 if isinstance(self.config.prefetch_lookahead, float) else None),
-            other_grad_bytes=max(0, _grad_bytes(self._model) - sum(grads)) if self._model else 0,
+            other_grad_bytes=(max(0, grad_bytes(self._model) - sum(grad_bytes(b) for b in self._blocks))
+                              if self._model else 0),
+            plain_calls=tuple(profile.plain_calls),
+            block_names=tuple(profile.names),
         )
         self._works[key] = (work, profile, end)
         self._observed.discard(key)
@@ -575,7 +611,7 @@ class ActivationManager:
         if profile.blocks_mark is None and self._on_cuda():
             self._late.add(key)  # its backward has not run yet (gradient accumulation): calibrate later
 
-    def _times(self, profile: _Profile, end: Any) -> tuple[float, float]:
+    def _times(self, profile: BlockProfile, end: Any) -> tuple[float, float]:
         """The head's and the blocks' backward times of a profiling step, once its backward has run."""
         if profile.head_mark is None or profile.blocks_mark is None:
             return (0.0, 0.0)
@@ -614,13 +650,18 @@ class ActivationManager:
         self._plans[key] = plan
         self._plans.move_to_end(key)
         while len(self._plans) > PLAN_CACHE_SIZE:
-            dropped, _ = self._plans.popitem(last=False)
-            self._works.pop(dropped, None)
-            self._calibrated.pop(dropped, None)
-            self._manual.pop(dropped, None)
-            self._observed.discard(dropped)
-            self._late.discard(dropped)
+            self._forget(next(iter(self._plans)))
         self._plan = plan
+
+    def _forget(self, key: tuple[Any, ...]) -> None:
+        """Drop the plan of input shape ``key`` and what it was made from: its next step profiles."""
+        plan = self._plans.pop(key, None)
+        if plan is not None and plan is self._plan:
+            self._plan = None
+        for cache in (self._works, self._calibrated, self._manual, self._expected):
+            cache.pop(key, None)
+        self._observed.discard(key)
+        self._late.discard(key)
 
     def _within_host_memory(self, work: Workload, plan: Plan, budget: int) -> Plan:
         """``plan``, if the host has the RAM to hold what it swaps; else (``auto``) a plan that swaps
@@ -659,7 +700,8 @@ class ActivationManager:
         )
 
     @staticmethod
-    def _calibrate(work: Workload, profile: _Profile, times: tuple[float, float], scale: float) -> Workload:
+    def _calibrate(work: Workload, profile: BlockProfile, times: tuple[float, float],
+                   scale: float) -> Workload:
         """Fit the model to what was measured.
 
         Op times are scaled by ``scale`` (timing every op slows the profiling step; the first planned
@@ -672,7 +714,8 @@ class ActivationManager:
         work = work.scaled(scale) if scale != 1.0 else work
         head_ms, blocks_ms = times
         block_forward = sum(b.forward_ms for b in work.blocks)
-        recompute = sum(b.forward_ms for b in work.blocks[1:])
+        plain = set(work.plain_calls)  # the profiling step recomputed every other call
+        recompute = sum(b.forward_ms for k, b in enumerate(work.blocks) if k not in plain)
         if blocks_ms > recompute and block_forward > 0:
             ratio = min(6.0, max(0.5, (blocks_ms - recompute) / block_forward))
             work = replace(work, backward_ratio=ratio, other_backward_ms=head_ms)
@@ -775,20 +818,29 @@ def check_budget_fits(budget: int, device_bytes: int) -> None:
         )
 
 
-def _recompute_all(index: int, op: object) -> OpDecision:
-    return OpDecision.RECOMPUTE
+def _keeps_everything(plan: Plan | None) -> bool:
+    """Whether ``plan`` runs every block plainly and keeps what it saves (so the engine has no work)."""
+    return plan is not None and all(b.mode is BlockMode.KEEP for b in plan.blocks)
 
 
-def _grad_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+def _first_grad_tensor(values: Sequence[Any]) -> torch.Tensor | None:
+    """The first tensor of ``values`` that requires a gradient."""
+    return next((v for v in values if isinstance(v, torch.Tensor) and v.requires_grad), None)
 
 
-def _nbytes(value: Any) -> int:
-    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+def _check_given_blocks(blocks: Sequence[nn.Module], names: dict[int, str]) -> None:
+    """Refuse blocks that are not modules of the model, or that lie inside one another.
 
-
-def _shape_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(
-        (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else type(v)
-        for v in (*args, *kwargs.values())
-    )
+    Raises:
+        ValueError: naming the module.
+    """
+    for block in blocks:
+        if id(block) not in names:
+            raise ValueError(f"{type(block).__name__} given as a block is not a module of the model: pass "
+                             f"modules of the model you wrap")
+    given = sorted(names[id(b)] for b in blocks)
+    for outer in given:
+        inner = next((n for n in given if outer and n.startswith(f"{outer}.")), None)
+        if inner is not None:
+            raise ValueError(f"block {inner} lies inside block {outer}: a block runs (and is recomputed) "
+                             f"with its parent; pass one of the two")

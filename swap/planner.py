@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import enum
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from .config import format_budget, format_bytes
@@ -103,14 +103,33 @@ class BlockPlan:
         some outputs (a checkpointed block that stores nothing runs under torch's checkpoint alone)."""
         return self.mode is BlockMode.CHECKPOINT and bool(self.decisions)
 
-    def policy(self) -> OpPolicy:
-        """The per-op policy for :func:`~deltaswap.swap.recompute.checkpoint_with_policy`."""
+    def policy(self, expected: Sequence[str] | None = None,
+               on_change: Callable[[], None] | None = None) -> OpPolicy:
+        """The per-op policy for :func:`~deltaswap.swap.recompute.checkpoint_with_policy`.
+
+        With ``expected`` (the op names of the profiled call, by index), the policy checks each op it is
+        asked about: from the first that differs, it recomputes everything (always correct) and calls
+        ``on_change`` once, so that a plan made for other ops is never applied to these."""
         decisions = self.decisions
+        recompute = OpDecision.RECOMPUTE
 
         def decide(index: int, op: object) -> OpDecision:
-            return decisions.get(index, OpDecision.RECOMPUTE)
+            return decisions.get(index, recompute)
 
-        return decide
+        if expected is None:
+            return decide
+        diverged: list[bool] = []
+
+        def guarded(index: int, op: object) -> OpDecision:
+            if not diverged and index < len(expected) and expected[index] == str(op):
+                return decisions.get(index, recompute)
+            if not diverged:
+                diverged.append(True)
+                if on_change is not None:
+                    on_change()
+            return recompute
+
+        return guarded
 
 
 @dataclass(frozen=True)
@@ -131,6 +150,18 @@ class Plan:
     """The measured quantities the model was fitted with (bandwidth, backward ratio, offsets)."""
     timeline: tuple[tuple[float, int], ...] = ()
     """Predicted activation bytes over the step (see :attr:`Prediction.timeline`)."""
+    block_names: tuple[str, ...] = ()
+    """The qualified name of the block of each call (empty: unnamed)."""
+    outside_bytes: int = 0
+    """Activation bytes that no block holds (a CNN's stem, embeddings, the head and its logits, the
+    loss): always kept, so no plan goes below them."""
+    plain_bytes: int = 0
+    """Activation bytes of the step with everything kept (inside and outside the blocks)."""
+
+    @property
+    def outside_share(self) -> float:
+        """The fraction of the step's activations (everything kept) that no block holds."""
+        return self.outside_bytes / self.plain_bytes if self.plain_bytes else 0.0
 
     @property
     def recompute_ops(self) -> int:
@@ -143,11 +174,16 @@ class Plan:
         return sum(b.recompute_ms for b in self.blocks)
 
     def __str__(self) -> str:
-        head = f"{'block':>5}  {'mode':<10}{'kept':>12}{'swapped':>12}{'recompute ms':>14}"
+        names = self.block_names if len(self.block_names) == len(self.blocks) else ()
+        width = max((len(n) for n in names), default=0)
+        head = f"{'block':>5}  {'name':<{width}}  {'mode':<10}{'kept':>12}{'swapped':>12}{'recompute ms':>14}"
+        if not names:
+            head = f"{'block':>5}  {'mode':<10}{'kept':>12}{'swapped':>12}{'recompute ms':>14}"
         rows = [head, "-" * len(head)]
         for i, b in enumerate(self.blocks):
             mode = b.mode.value + ("+in" if b.swap_input else "")
-            rows.append(f"{i:>5}  {mode:<10}{format_bytes(b.kept_bytes):>12}"
+            name = f"{names[i]:<{width}}  " if names else ""
+            rows.append(f"{i:>5}  {name}{mode:<10}{format_bytes(b.kept_bytes):>12}"
                         f"{format_bytes(b.swapped_bytes):>12}{b.recompute_ms:>14.2f}")
         kept = sum(b.kept_bytes for b in self.blocks)
         swapped = sum(b.swapped_bytes for b in self.blocks)
@@ -157,6 +193,10 @@ class Plan:
         rows.append(f"policy {self.policy}; budget {format_budget(self.budget)}; predicted peak "
                     f"{format_bytes(self.predicted_peak)}; predicted step {self.predicted_ms:.1f} ms "
                     f"({self.predicted_ms / max(self.plain_ms, 1e-9):.3f} x keeping everything)")
+        if self.plain_bytes:
+            rows.append(f"outside the blocks (always kept): {format_bytes(self.outside_bytes)}, "
+                        f"{100 * self.outside_share:.0f}% of the {format_bytes(self.plain_bytes)} of "
+                        f"activations with everything kept")
         return "\n".join(rows)
 
 
@@ -192,6 +232,11 @@ class Workload:
     when predicting the peak (not the time)."""
     host: HostCost = NO_HOST_COST
     """Measured host time per op: when it sets the pace of blocks that store some outputs."""
+    plain_calls: tuple[int, ...] = (0,)
+    """The block calls the profiling step ran plainly (the first of each kind; see
+    :mod:`~deltaswap.swap.blockprofile`); it checkpointed the others."""
+    block_names: tuple[str, ...] = ()
+    """The qualified name of the block of each call, for people (empty: unnamed)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.peak_copy_rate <= 1.0:
@@ -382,9 +427,11 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
 
 
 def profiling_plans(work: Workload) -> list[BlockPlan]:
-    """The plan the profiling step runs: the first block plainly, every other block checkpointed with
-    everything recomputed and its input kept."""
-    return [keep_block(work.blocks[0])] + [checkpoint_block(c, {}) for c in work.blocks[1:]]
+    """The plan the profiling step runs: the first call of each kind of block plainly
+    (:attr:`Workload.plain_calls`), every other call checkpointed with everything recomputed and its
+    input kept."""
+    plain = set(work.plain_calls)
+    return [keep_block(c) if k in plain else checkpoint_block(c, {}) for k, c in enumerate(work.blocks)]
 
 
 # -- policies -----------------------------------------------------------------------------------------
@@ -401,7 +448,9 @@ def _finish(work: Workload, plans: list[BlockPlan], budget: int, policy: str) ->
         "host_launch_ms": work.host.launch_ms, "host_record_ms": work.host.record_ms,
         "host_replay_ms": work.host.replay_ms,
     }
-    return Plan(tuple(plans), budget, pred.peak, pred.ms, plain.ms, policy, calibration, pred.timeline)
+    plain_bytes = work.other_bytes + sum(c.saved_bytes for c in work.blocks)
+    return Plan(tuple(plans), budget, pred.peak, pred.ms, plain.ms, policy, calibration, pred.timeline,
+                work.block_names, work.other_bytes, plain_bytes)
 
 
 def plan_fixed(work: Workload, policy: str, budget: int) -> Plan:
