@@ -8,13 +8,13 @@ import warnings
 
 import pytest
 import torch
-from brought import HF_MODELS, MODELS, Loss, build, kv_cache_length
 from torch import nn
 
 from deltaswap.swap import ActivationManager, SwapConfig, SyncCopyBackend
 from deltaswap.swap.discovery import describe_blocks, find_blocks
 from deltaswap.swap.planner import BlockMode
 
+from brought import HF_MODELS, MODELS, Loss, build, kv_cache_length
 from helpers import assert_bitwise_equal
 
 pytest.importorskip("transformers")

@@ -1,0 +1,93 @@
+"""The models users bring, on the GPU: Hugging Face GPT-2, Llama, T5, BERT and ViT, and torchvision's
+ResNet-50, with gradients bitwise equal to the plain run under every policy, in fp32 and in bf16
+autocast (deterministic kernels, math attention: see ``deterministic_cuda``)."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from deltaswap.swap import ActivationManager, SwapConfig
+from deltaswap.swap.planner import BlockMode
+
+from brought import MODELS, Loss, build, kv_cache_length
+from helpers import assert_bitwise_equal
+
+pytest.importorskip("transformers")
+pytest.importorskip("torchvision")
+
+pytestmark = pytest.mark.gpu
+
+POLICIES = ("keep", "swap", "recompute", "delta", "auto")
+
+
+def grads_of_steps(model: nn.Module, loss_fn: Loss, mgr: ActivationManager | None, dtype: torch.dtype,
+                   steps: int = 3) -> list[list[torch.Tensor]]:
+    """Gradients of ``steps`` steps on the same weights; the plain run has the KV cache off, as
+    deltaswap trains (see :mod:`brought`)."""
+    out = []
+    autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    for i in range(steps):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(100 + i)
+        gen = torch.Generator().manual_seed(i)
+        with mgr.step() if mgr is not None else contextlib.nullcontext(), autocast:
+            loss = loss_fn(model, gen, cache=mgr is not None)
+        loss.backward()
+        out.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_is_bitwise_exact_on_the_gpu(name: str, policy: str, dtype: torch.dtype,
+                                                 deterministic_cuda: None) -> None:
+    model, loss_fn = build(name, size="gpu", device="cuda", dropout=0.0 if name == "resnet50" else 0.1)
+    plain = grads_of_steps(model, loss_fn, None, dtype, steps=4)
+    assert_bitwise_equal(plain[0], grads_of_steps(model, loss_fn, None, dtype, steps=1)[0])  # reference
+    # auto: half the plain run's activations (swaps and recomputes, from measurements)
+    budget: int | str = "auto"
+    if policy == "auto":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        grads_of_steps(model, loss_fn, None, dtype, steps=1)
+        budget = max(1, (torch.cuda.max_memory_allocated() - base) // 2)
+    mgr = ActivationManager(SwapConfig(policy=policy, memory_budget=budget, min_bytes="64KiB"))
+    mgr.wrap(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="deltaswap: the smallest plan")
+        warnings.filterwarnings("ignore", message="deltaswap: .* keeps a KV cache")
+        ours = grads_of_steps(model, loss_fn, mgr, dtype, steps=4)  # profiling, first plan, re-plan, plan
+    for expected, actual in zip(plain, ours, strict=True):
+        assert_bitwise_equal(expected, actual)
+    modes = {b.mode for b in mgr.plan.blocks}
+    if policy == "swap":
+        assert modes == {BlockMode.SWAP} and mgr.stats.engine.bytes_offloaded > 0
+    elif policy == "keep":
+        assert modes == {BlockMode.KEEP}
+    elif policy in ("recompute", "delta"):
+        assert modes == {BlockMode.CHECKPOINT}
+    mgr.close()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
+def test_the_kv_cache_stays_empty_on_the_gpu(name: str) -> None:
+    model, _ = build(name, size="gpu", device="cuda", attn="eager")
+    mgr = ActivationManager(SwapConfig(policy="auto", memory_budget="64MiB", min_bytes="64KiB"))
+    mgr.wrap(model)
+    ids = torch.randint(2, 1024, (8, 256), device="cuda")
+    labels = ids[:, :128].clone() if name == "t5" else ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            with mgr.step():
+                out = model(input_ids=ids, labels=labels)
+            out.loss.backward()
+            assert kv_cache_length(out) == 0
+    mgr.close()
