@@ -156,6 +156,7 @@ class ActivationManager:
         self._warned_cache = False
         self._warned_diverged = False
         self._engine_on = False
+        self._engine_ran = False
         self._expected: dict[tuple[Any, ...], tuple[tuple[str, ...], ...]] = {}
         self._call = 0
         self._key: tuple[Any, ...] = ()
@@ -350,7 +351,7 @@ class ActivationManager:
                 raise torch.OutOfMemoryError(self._out_of_memory(err)) from err
             finally:
                 self._in_step = False
-                self._engine = None
+                self._engine, self._engine_ran = None, self._engine_on
                 self._step_marks = (start, self._mark())
         # a step that grew the pinned pool (pinned allocations synchronize) does not represent the others
         self._step_clean = self._offloader.pinned_bytes_reserved == pool_before
@@ -445,8 +446,11 @@ class ActivationManager:
         if marks is not None and self._backward_mark is not None:
             measured_ms = self._elapsed(marks[0], self._backward_mark)
         plan = self._step_plan
+        # a step whose plan kept everything ran without the engine: it moved and kept nothing itself
+        engine = (self._offloader.stats if self._engine_ran else
+                  OffloadStats(pinned_bytes_reserved=self._offloader.pinned_bytes_reserved))
         return ManagerStats(
-            engine=self._offloader.stats,
+            engine=engine,
             profiling=plan is None,
             forward_ms=forward_ms,
             predicted_peak=plan.predicted_peak if plan else 0,

@@ -270,6 +270,7 @@ def test_a_plan_that_keeps_everything_runs_without_the_engine(name: str) -> None
         ours = grads_of_steps(model, loss_fn, mgr)
     handle.remove()
     assert engine_seen == [True, False, False]  # only the profiling step runs the engine
+    assert mgr.stats.engine.tensors_kept == 0  # and the stats say the last step used none
     for expected, actual in zip(plain, ours, strict=True):
         assert_bitwise_equal(expected, actual)
 
