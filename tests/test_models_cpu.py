@@ -5,10 +5,13 @@ with gradients bitwise equal to the plain run under every policy."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from deltaswap.swap import ActivationManager, SwapConfig, SyncCopyBackend
 from deltaswap.swap.discovery import describe_blocks, find_blocks
@@ -284,3 +287,74 @@ def test_hf_models_keep_their_state_dict_and_unwrap(name: str) -> None:
     assert list(model.state_dict()) == keys
     mgr.unwrap()
     assert find_blocks(model) and list(model.state_dict()) == keys
+
+
+# -- through the adapters ----------------------------------------------------------------------------------
+class LitHF(L.LightningModule):
+    """A Hugging Face causal LM (its config's defaults: the KV cache on) trained with SGD."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.model, _ = build(name)
+        self.caches: list[int] = []
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        out = self.model(input_ids=ids, labels=ids)
+        self.caches.append(kv_cache_length(out))
+        return out.loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def hf_batches() -> DataLoader:
+    ids = torch.randint(2, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(ids), batch_size=2, shuffle=False)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_hf_models_train_through_swap_strategy_as_without_it(name: str, tmp_path: Path) -> None:
+    from deltaswap.strategy import SwapStrategy
+
+    weights = []
+    for strategy in ("auto", SwapStrategy(policy="recompute")):
+        module = LitHF(name)
+        if strategy == "auto":  # the plain run, as deltaswap trains: no cache
+            module.model.config.use_cache = False
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=4, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, hf_batches())
+        assert module.caches == [0, 0, 0, 0]
+        weights.append([p.detach().clone() for p in module.parameters()])
+    assert_bitwise_equal(*weights)
+    assert trainer.strategy.plan is not None and trainer.strategy.plan.recompute_ops > 0
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_hf_models_train_through_the_accelerate_plugin_as_without_it() -> None:
+    from accelerate import Accelerator
+
+    from deltaswap.strategy import DeltaSwapPlugin
+
+    weights = []
+    for plugin in (None, DeltaSwapPlugin(policy="recompute")):
+        model, loss_fn = build("gpt2")
+        accelerator = Accelerator(cpu=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if plugin is not None:
+            model = plugin.prepare(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(3):
+                loss = loss_fn(model, torch.Generator().manual_seed(i), cache=plugin is not None)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert_bitwise_equal(*weights)
+    assert plugin.stats is not None and plugin.stats.recompute_ops > 0
