@@ -1,0 +1,56 @@
+"""examples/bench_models.py on a CPU: tiny GPT-2 (KV cache on, its default) and ResNet-50 through every
+mode, with finite numbers and gradients bitwise equal to the plain run's (on a CPU in fp32 deltaswap
+must be exact; its swaps fall back to keeping the tensors)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("torchvision")
+
+import bench_models
+
+FINITE = ("step_ms", "x_plain", "act_peak_bytes", "act_peak_gib", "loss", "exact_peak_bytes")
+FINITE_DS = ("predicted_peak_bytes", "predicted_fwd_bwd_ms", "measured_fwd_bwd_ms", "blocks_planned")
+
+
+def test_tiny_models_run_every_mode_with_exact_gradients(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "models.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deltaswap's CPU, KV-cache and over-budget warnings
+        rc = bench_models.main(["--tiny", "--device", "cpu", "--dtype", "fp32", "--models", "gpt2",
+                                "resnet50", "--warmup", "0", "--steps", "1", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert set(data["models"]) == {"gpt2", "resnet50"}
+    for name, model in data["models"].items():
+        assert list(model["modes"]) == list(bench_models.MODES), name
+        assert model["n_blocks"] == {"gpt2": 2, "resnet50": 16}[name]
+        for mode, r in model["modes"].items():
+            where = f"{name}/{mode}: {r}"
+            assert not {"oom", "error", "skipped"} & set(r), where
+            keys = FINITE + (FINITE_DS if mode.startswith(("ds_", "auto_")) else ())
+            for key in keys:
+                assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (key, where)
+            assert r["act_peak_bytes"] > 0 and r["step_ms"] > 0, where
+            assert r["exact"] is True, where
+            if name == "gpt2":  # the KV cache's model: also equal to the plain run without the cache
+                assert model["kv_cache"] and r["exact_no_cache"] is True, where
+            if mode.startswith(("ds_", "auto_")):
+                assert r["exact_step_profiling"] is False, where  # the compared step ran a plan
+                assert r["blocks_planned"] == model["n_blocks"], where
+        assert model["modes"]["plain"]["x_plain"] == 1.0
+        budgets = {m: model["modes"][m]["budget"] for m in ("auto_fits", "auto_ckpt", "auto_mid")}
+        peaks = {m: model["modes"][m]["act_peak_bytes"] for m in ("plain", "checkpoint")}
+        assert budgets["auto_ckpt"] == peaks["checkpoint"]
+        assert budgets["auto_mid"] == (peaks["plain"] + peaks["checkpoint"]) // 2
+        assert budgets["auto_fits"] > peaks["plain"]
+    printed = capsys.readouterr().out
+    assert printed.count("| mode | activation peak GiB |") == 2
