@@ -147,6 +147,29 @@ class BlockProfile:
         return tuple(result)
 
 
+class SavedBytes:
+    """Counts the bytes of the storages autograd saves while :meth:`hooks` is active, as the swap engine
+    counts them (each storage once; parameters and their views left out). Where there is no engine (a
+    CPU run), this is how the profiling step measures what lies outside the blocks."""
+
+    def __init__(self) -> None:
+        self._storages: dict[int, int] = {}
+
+    @property
+    def total(self) -> int:
+        """Bytes counted so far."""
+        return sum(self._storages.values())
+
+    def hooks(self) -> saved_tensors_hooks:
+        """The saved-tensor hooks that count (and change nothing)."""
+        return saved_tensors_hooks(self._pack, _identity)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not held_elsewhere(t):
+            self._storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+
 def grad_bytes(module: nn.Module) -> int:
     """Bytes of the gradients of ``module``'s trainable parameters."""
     return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)

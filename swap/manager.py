@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 from .arguments import without_cache
 from .backend import CopyBackend, CudaCopyBackend
-from .blockprofile import BlockProfile, grad_bytes, shape_key
+from .blockprofile import BlockProfile, SavedBytes, grad_bytes, shape_key
 from .config import UNLIMITED, SwapConfig, format_budget, format_bytes
 from .discovery import describe_blocks, find_blocks
 from .hostcost import NO_HOST_COST, HostCost, measure_host_cost
@@ -338,8 +338,13 @@ class ActivationManager:
         self._backward_mark = None
         pool_before = self._offloader.pinned_bytes_reserved
         self._step_clean = False
+        counted = None
         with contextlib.ExitStack() as engine:
             self._engine, self._engine_on = engine, False
+            if self._offloader.backend is None and self._device_is_cpu() and self._key not in self._plans:
+                # no engine to count what is saved outside the blocks: count it for a profiling step
+                counted = SavedBytes()
+                engine.enter_context(counted.hooks())
             if not _keeps_everything(self._plan):
                 self._enter_engine()  # else at the first block, if this step's plan is another one
             start = self._mark()
@@ -358,7 +363,12 @@ class ActivationManager:
         if self._profile is not None:
             if self._on_cuda():
                 self._profile.forward_end = torch.cuda.memory_allocated() - self._profile.baseline
-            self._pending = (self._key, self._profile, *self._step_marks, self._offloader.saved_bytes)
+            saved = counted.total if counted is not None else self._offloader.saved_bytes
+            self._pending = (self._key, self._profile, *self._step_marks, saved)
+
+    def _device_is_cpu(self) -> bool:
+        param = next(self._model.parameters(), None) if self._model is not None else None
+        return param is not None and param.device.type == "cpu"
 
     def _enter_engine(self) -> None:
         """Start the swap engine for the rest of this step. A step whose plan keeps everything never

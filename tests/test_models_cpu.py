@@ -74,6 +74,17 @@ def test_discovery_names_the_blocks_and_the_plan_says_what_lies_outside_them() -
     assert plan is not None and plan.block_names[0] == "layer1.0" and plan.block_names[-1] == "layer4.2"
     text = str(plan)
     assert "layer3.5" in text and "outside the blocks" in text
+    assert 0 < plan.outside_bytes < plan.plain_bytes  # the stem and the head
+
+
+def test_without_an_engine_the_cpu_profile_still_counts_what_lies_outside_the_blocks() -> None:
+    model, loss_fn = build("gpt2")
+    mgr = ActivationManager(SwapConfig(policy="recompute"))  # CPU: no copy backend, no engine
+    mgr.wrap(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grads_of_steps(model, loss_fn, mgr, steps=1)
+    assert mgr.plan is not None and mgr.plan.outside_bytes > 0  # embeddings, logits, the loss
 
 
 def test_a_sequential_of_layers_in_a_module_list_is_a_block() -> None:
