@@ -31,25 +31,18 @@ Launch::
 from __future__ import annotations
 
 import argparse
-import json
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from deltaswap.swap import format_bytes
-
 from cli import add_deltaswap_options
 from gpt import GPTConfig, random_batch
-from train_gpt import Speedometer, swap_callbacks
+from lightning_run import fit, report, summarize
 
 MODELS = ("gpt2", "llama", "qwen2", "mistral")
 """The model families ``--model`` builds (Hugging Face config classes ``GPT2Config``, ``LlamaConfig``,
@@ -227,17 +220,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def training_strategy(args: argparse.Namespace) -> Any:
-    """deltaswap's ``SwapStrategy`` with ``--memory-budget`` and ``--policy``, or Lightning's ``"auto"``."""
-    if args.strategy == "plain":
-        return "auto"
-    from deltaswap.strategy import SwapStrategy
-
-    return SwapStrategy(memory_budget=args.memory_budget, policy=args.policy)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train, print what happened and return it (see :func:`summarize`)."""
+    """Train, print what happened and return it (see :func:`lightning_run.summarize`; with tokens/s)."""
     args = parse_args(argv)
     on_cuda = torch.cuda.is_available()
     precision = args.precision or ("bf16-mixed" if on_cuda else "32-true")
@@ -250,74 +234,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             warmup_steps=args.warmup_steps)
     vocab = hf_config(args.model, args.size).vocab_size
     seq_len = args.seq_len or SIZES[args.size].seq_len
-    speedometer = Speedometer(every=args.log_every)
-    callbacks: list[Callback] = [speedometer]
-    if args.strategy == "deltaswap":
-        callbacks += swap_callbacks(args, on_cuda)
-    logger = CSVLogger(args.log_dir, name="train_hf")
-    trainer = L.Trainer(
-        accelerator="cuda" if on_cuda else "cpu", devices=1, strategy=training_strategy(args),
-        precision=precision, max_steps=args.max_steps, logger=logger, log_every_n_steps=args.log_every,
-        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     loader = DataLoader(TokenStream(vocab, seq_len, seed=args.seed), batch_size=args.batch_size,
                         num_workers=0, pin_memory=on_cuda)
     print(f"{args.model} {args.size}: {args.strategy}, batch {args.batch_size} x {seq_len} tokens, "
           f"{precision}, {args.attn_implementation} attention, {'cuda' if on_cuda else 'cpu'}", flush=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")  # generated in the main process
-        trainer.fit(module, loader)
-
-    summary = summarize(args, trainer, speedometer)
-    report(summary, trainer)
-    print(f"metrics: {logger.log_dir}/metrics.csv")
-    if args.summary:
-        path = Path(args.summary)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=1))
-    return summary
-
-
-def summarize(args: argparse.Namespace, trainer: L.Trainer, speedometer: Speedometer) -> dict[str, Any]:
-    """The run's measurements: the first and final loss, throughput over the timed steps, peak GPU memory
-    (``None`` on a CPU) and, with deltaswap, the plan's block calls, predicted peak and step time."""
+    trainer, speedometer, logger = fit(args, module, loader, name="train_hf", precision=precision,
+                                       on_cuda=on_cuda)
+    summary = summarize(trainer, speedometer, model=args.model, size=args.size, strategy=args.strategy,
+                        batch_size=args.batch_size)
     seconds = speedometer.timed_seconds
-    device = trainer.strategy.root_device
-    summary: dict[str, Any] = {
-        "model": args.model, "size": args.size, "strategy": args.strategy, "steps": trainer.global_step,
-        "batch_size": args.batch_size, "first_loss": speedometer.first_loss,
-        "final_loss": speedometer.last_loss,
-        "samples_per_s": speedometer.timed_samples / seconds if seconds > 0 else None,
-        "tokens_per_s": speedometer.timed_tokens / seconds if seconds > 0 else None,
-        "peak_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "plan_blocks": None, "block_names": None, "predicted_peak": None, "predicted_ms": None,
-    }
-    plan = getattr(trainer.strategy, "plan", None)
-    if plan is not None:
-        summary.update(plan_blocks=len(plan.blocks), block_names=list(plan.block_names),
-                       predicted_peak=plan.predicted_peak, predicted_ms=plan.predicted_ms,
-                       plain_ms=plan.plain_ms, budget=plan.budget, policy=plan.policy)
+    summary["tokens_per_s"] = speedometer.timed_tokens / seconds if seconds > 0 else None
+    throughput = ""
+    if summary["tokens_per_s"] is not None:
+        throughput = (f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['samples_per_s']:,.1f} samples/s "
+                      f"(after the first 2 steps)")
+    report(summary, trainer, logger, throughput, args.summary)
     return summary
-
-
-def report(summary: dict[str, Any], trainer: L.Trainer) -> None:
-    """Print the loss, the throughput, the peak GPU memory and what deltaswap planned and did."""
-    print(f"final loss {summary['final_loss']:.4f} (step 1: {summary['first_loss']:.4f})")
-    if summary["samples_per_s"] is not None:
-        print(f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['samples_per_s']:,.1f} samples/s "
-              f"(after the first 2 steps)")
-    else:
-        print("throughput: not measured (it needs more than 2 steps)")
-    if summary["peak_allocated"] is not None:
-        # deltaswap's profiling step and SwapMonitor reset the peak counter: with deltaswap this is the
-        # peak since the last logged step, without it the peak of the whole run
-        print(f"peak GPU memory: {format_bytes(summary['peak_allocated'])} allocated")
-    plan = getattr(trainer.strategy, "plan", None)
-    if plan is not None:
-        print(f"deltaswap plan:\n{plan}")
-        print(f"deltaswap stats: {trainer.strategy.stats}")
-
-
 if __name__ == "__main__":
     main()

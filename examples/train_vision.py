@@ -29,25 +29,18 @@ Launch::
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from deltaswap.swap import format_bytes
-
 from cli import add_deltaswap_options
-from train_gpt import Speedometer, swap_callbacks
+from lightning_run import fit, report, summarize
 
 MODELS = ("resnet50", "resnet18", "vit_b_16", "convnext_tiny")
 """The torchvision models ``--model`` builds."""
@@ -200,17 +193,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def training_strategy(args: argparse.Namespace) -> Any:
-    """deltaswap's ``SwapStrategy`` with ``--memory-budget`` and ``--policy``, or Lightning's ``"auto"``."""
-    if args.strategy == "plain":
-        return "auto"
-    from deltaswap.strategy import SwapStrategy
-
-    return SwapStrategy(memory_budget=args.memory_budget, policy=args.policy)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train, print what happened and return it (see :func:`summarize`)."""
+    """Train, print what happened and return it (see :func:`lightning_run.summarize`)."""
     args = parse_args(argv)
     on_cuda = torch.cuda.is_available()
     precision = args.precision or ("bf16-mixed" if on_cuda else "32-true")
@@ -222,71 +206,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     module = ClassifierModule(args.model, args.num_classes, args.image_size, lr=lr,
                               warmup_steps=args.warmup_steps)
-    speedometer = Speedometer(every=args.log_every)
-    callbacks: list[Callback] = [speedometer]
-    if args.strategy == "deltaswap":
-        callbacks += swap_callbacks(args, on_cuda)
-    logger = CSVLogger(args.log_dir, name="train_vision")
-    trainer = L.Trainer(
-        accelerator="cuda" if on_cuda else "cpu", devices=1, strategy=training_strategy(args),
-        precision=precision, max_steps=args.max_steps, logger=logger, log_every_n_steps=args.log_every,
-        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     loader = DataLoader(ClassImages(args.image_size, args.num_classes, seed=args.seed),
                         batch_size=args.batch_size, num_workers=0, pin_memory=on_cuda)
     print(f"{args.model}: {args.strategy}, batch {args.batch_size} x {args.image_size}x{args.image_size}, "
           f"{args.num_classes} classes, {precision}, {'cuda' if on_cuda else 'cpu'}", flush=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")  # generated in the main process
-        trainer.fit(module, loader)
-
-    summary = summarize(args, trainer, speedometer)
-    report(summary, trainer)
-    print(f"metrics: {logger.log_dir}/metrics.csv")
-    if args.summary:
-        path = Path(args.summary)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=1))
+    trainer, speedometer, logger = fit(args, module, loader, name="train_vision", precision=precision,
+                                       on_cuda=on_cuda)
+    summary = summarize(trainer, speedometer, model=args.model, strategy=args.strategy,
+                        batch_size=args.batch_size, image_size=args.image_size)
+    rate = summary["samples_per_s"]
+    report(summary, trainer, logger, f"{rate:,.1f} samples/s (after the first 2 steps)" if rate else "",
+           args.summary)
     return summary
-
-
-def summarize(args: argparse.Namespace, trainer: L.Trainer, speedometer: Speedometer) -> dict[str, Any]:
-    """The run's measurements: the first and final loss, throughput over the timed steps, peak GPU memory
-    (``None`` on a CPU) and, with deltaswap, the plan's block calls, predicted peak and step time."""
-    seconds = speedometer.timed_seconds
-    device = trainer.strategy.root_device
-    summary: dict[str, Any] = {
-        "model": args.model, "strategy": args.strategy, "steps": trainer.global_step,
-        "batch_size": args.batch_size, "image_size": args.image_size,
-        "first_loss": speedometer.first_loss, "final_loss": speedometer.last_loss,
-        "samples_per_s": speedometer.timed_samples / seconds if seconds > 0 else None,
-        "peak_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "plan_blocks": None, "block_names": None, "predicted_peak": None, "predicted_ms": None,
-    }
-    plan = getattr(trainer.strategy, "plan", None)
-    if plan is not None:
-        summary.update(plan_blocks=len(plan.blocks), block_names=list(plan.block_names),
-                       predicted_peak=plan.predicted_peak, predicted_ms=plan.predicted_ms,
-                       plain_ms=plan.plain_ms, budget=plan.budget, policy=plan.policy)
-    return summary
-
-
-def report(summary: dict[str, Any], trainer: L.Trainer) -> None:
-    """Print the loss, the throughput, the peak GPU memory and what deltaswap planned and did."""
-    print(f"final loss {summary['final_loss']:.4f} (step 1: {summary['first_loss']:.4f})")
-    if summary["samples_per_s"] is not None:
-        print(f"{summary['samples_per_s']:,.1f} samples/s (after the first 2 steps)")
-    else:
-        print("throughput: not measured (it needs more than 2 steps)")
-    if summary["peak_allocated"] is not None:
-        # deltaswap's profiling step and SwapMonitor reset the peak counter: with deltaswap this is the
-        # peak since the last logged step, without it the peak of the whole run
-        print(f"peak GPU memory: {format_bytes(summary['peak_allocated'])} allocated")
-    plan = getattr(trainer.strategy, "plan", None)
-    if plan is not None:
-        print(f"deltaswap plan:\n{plan}")
-        print(f"deltaswap stats: {trainer.strategy.stats}")
 
 
 if __name__ == "__main__":
