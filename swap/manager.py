@@ -120,7 +120,9 @@ class ActivationManager:
 
     .. warning::
         The wrapped blocks are replaced by torch's ``CheckpointWrapper`` (state-dict keys unchanged).
-        Every call of a block must run the same ops for the same input shape.
+        In training steps the blocks' KV-cache arguments are turned off (one warning), and a block that
+        changes a non-tensor argument in place is refused. A block whose ops change with the data
+        (not only with the shapes) is profiled again each time they change.
     """
 
     def __init__(
