@@ -118,18 +118,12 @@ class BlockProfile:
             return checkpoint_with_policy(block, *args, policy=recompute_all, store=store, profiler=self.ops,
                                           fn_kwargs=kwargs)
         watched = watched_arguments(args, kwargs)
-        saved: dict[int, int] = {}
-
-        def spy(t: torch.Tensor) -> torch.Tensor:
-            if not held_elsewhere(t):  # what the engine would keep or swap
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
+        saved = SavedBytes()  # what the engine would keep or swap
         frame = _Frame(recompute_all, LocalStore(), self.ops)
-        with saved_tensors_hooks(spy, _identity), _RecordingMode(frame):
+        with saved.hooks(), _RecordingMode(frame):
             out = block(*args, **kwargs)
         check_unchanged(watched, args, kwargs, name, block)
-        self._kinds[kind] = sum(saved.values())
+        self._kinds[kind] = saved.total
         self.saved.append(self._kinds[kind])
         self.plain_calls.append(call)
         return out
