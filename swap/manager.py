@@ -50,7 +50,7 @@ from .planner import (
 from .pool import HostMemoryError, available_host_bytes, share_note
 from .profile import Bandwidth, measure_bandwidth
 from .ranks import RankAgreement
-from .recompute import OpPolicy, checkpoint_all, checkpoint_with_policy
+from .recompute import OpDecision, OpPolicy, checkpoint_all, checkpoint_with_policy
 from .stats import OffloadStats
 
 PLAN_CACHE_SIZE = 8
@@ -347,7 +347,7 @@ class ActivationManager:
                 # no engine to count what is saved outside the blocks: count it for a profiling step
                 counted = SavedBytes()
                 engine.enter_context(counted.hooks())
-            if not _keeps_everything(self._plan):
+            if not _moves_nothing(self._plan):
                 self._enter_engine()  # else at the first block, if this step's plan is another one
             start = self._mark()
             self._baseline = torch.cuda.memory_allocated() if self._on_cuda() else 0
@@ -373,9 +373,9 @@ class ActivationManager:
         return param is not None and param.device.type == "cpu"
 
     def _enter_engine(self) -> None:
-        """Start the swap engine for the rest of this step. A step whose plan keeps everything never
-        starts it: no saved-tensor hooks, no per-tensor or per-module work, nothing to pay when nothing
-        moves."""
+        """Start the swap engine for the rest of this step. A step whose plan swaps nothing (it keeps
+        or recomputes) never starts it: no saved-tensor hooks, no per-tensor or per-module work, nothing
+        to pay when nothing moves."""
         if self._engine is not None and not self._engine_on:
             self._engine.enter_context(self._offloader)
             self._engine.enter_context(self._offloader.swapping(False))
@@ -458,7 +458,7 @@ class ActivationManager:
         if marks is not None and self._backward_mark is not None:
             measured_ms = self._elapsed(marks[0], self._backward_mark)
         plan = self._step_plan
-        # a step whose plan kept everything ran without the engine: it moved and kept nothing itself
+        # a step whose plan swapped nothing ran without the engine: it moved and kept nothing itself
         engine = (self._offloader.stats if self._engine_ran else
                   OffloadStats(pinned_bytes_reserved=self._offloader.pinned_bytes_reserved))
         return ManagerStats(
@@ -512,7 +512,7 @@ class ActivationManager:
             self._plan = self._step_plan
         else:
             self._profile = BlockProfile("cuda" if self._on_cuda() else "cpu")
-        if not _keeps_everything(self._step_plan):
+        if not _moves_nothing(self._step_plan):
             self._enter_engine()
 
     def _without_cache(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -834,9 +834,15 @@ def check_budget_fits(budget: int, device_bytes: int) -> None:
         )
 
 
-def _keeps_everything(plan: Plan | None) -> bool:
-    """Whether ``plan`` runs every block plainly and keeps what it saves (so the engine has no work)."""
-    return plan is not None and all(b.mode is BlockMode.KEEP for b in plan.blocks)
+def _moves_nothing(plan: Plan | None) -> bool:
+    """Whether ``plan`` swaps nothing: every block kept or checkpointed with its input and stored op
+    outputs on the GPU. The engine then has no work (its hooks would keep every tensor), and torch's
+    checkpoint and the blocks run as they would without deltaswap."""
+    return plan is not None and all(
+        b.mode is not BlockMode.SWAP and not b.swap_input
+        and all(d is not OpDecision.SWAP for d in b.decisions.values())
+        for b in plan.blocks
+    )
 
 
 def _first_grad_tensor(values: Sequence[Any]) -> torch.Tensor | None:

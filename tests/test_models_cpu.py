@@ -271,20 +271,25 @@ def test_a_block_running_other_ops_than_profiled_recomputes_and_is_profiled_agai
 
 # -- nothing to pay when nothing moves ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["gpt2", "resnet50"])
-def test_a_plan_that_keeps_everything_runs_without_the_engine(name: str) -> None:
+@pytest.mark.parametrize(("policy", "engine_runs"), [("keep", False), ("recompute", False), ("swap", True)])
+def test_a_plan_that_swaps_nothing_runs_without_the_engine(name: str, policy: str, engine_runs: bool) -> None:
     model, loss_fn = build(name)
-    mgr = manager("keep")
+    mgr = manager(policy)
     mgr.wrap(model)
     plain = grads_of_steps(model, loss_fn, None)
     engine_seen: list[bool] = []
     first = mgr.blocks[0]._checkpoint_wrapped_module  # runs inside the manager's step (and its recompute)
-    handle = first.register_forward_pre_hook(lambda *_: engine_seen.append(mgr._offloader.store is not None))
+    handle = first.register_forward_pre_hook(
+        lambda *_: engine_seen.append(mgr._offloader.store is not None) if mgr._in_step else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours = grads_of_steps(model, loss_fn, mgr)
     handle.remove()
-    assert engine_seen == [True, False, False]  # only the profiling step runs the engine
-    assert mgr.stats.engine.tensors_kept == 0  # and the stats say the last step used none
+    assert engine_seen == [True, engine_runs, engine_runs]  # the profiling step always runs the engine
+    if engine_runs:
+        assert mgr.stats.engine.bytes_offloaded > 0
+    else:
+        assert mgr.stats.engine.tensors_kept == 0  # and the stats say the last step used none
     for expected, actual in zip(plain, ours, strict=True):
         assert_bitwise_equal(expected, actual)
 
