@@ -23,9 +23,11 @@ Modes, run in this order for each model (the ``auto_*`` budgets come from peaks 
 - ``auto_mid``: ``auto`` with the budget midway between ``plain``'s and ``checkpoint``'s peaks.
 
 For each mode: the activation peak (``torch.cuda.max_memory_allocated()`` over the forward and backward,
-less what was allocated before the forward), the mean step time (forward, backward, AdamW; CUDA events)
-over ``--steps`` timed steps after ``--warmup`` warm-up steps (3 for every mode by default, and never
-fewer for deltaswap: profiling, first plan, re-plan), its ratio to ``plain``'s, and ``exact``: whether
+less what was allocated before the forward), the median step time (forward, backward, AdamW; CUDA
+events) over ``--steps`` timed steps after ``--warmup`` warm-up steps (3 for every mode by default, and
+never fewer for deltaswap: profiling, first plan, re-plan), in each of ``--rounds`` rounds (the modes in
+turn, each set up anew, so that a drift of the host's speed over the run falls on every mode alike), its
+ratio to ``plain``'s, and ``exact``: whether
 the gradients of one step from the same weights and inputs are bitwise equal (``torch.equal``) to
 ``plain``'s. For ``plain`` itself ``exact`` says whether a second plain run repeats the first, so a
 ``False`` elsewhere is not noise. For the models with a KV cache, ``exact_no_cache`` compares with a
@@ -73,6 +75,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -475,6 +478,8 @@ class Settings:
     steps: int
     exact_batch: int
     min_bytes: str
+    rounds: int = 1
+    """Times the modes run in turn; each round sets its mode up again and times ``steps`` steps."""
 
 
 @dataclass
@@ -560,7 +565,7 @@ def check_exact(mode: str, bench: Bench, run: Session, refs: References,
 
 
 def timed(mode: str, bench: Bench, run: Session, refs: References, settings: Settings) -> dict[str, Any]:
-    """The timed steps of ``mode``: mean step time and activation peak over the steps after warm-up."""
+    """The timed steps of ``mode``: median step time and activation peak over the steps after warm-up."""
     budget = auto_budget(mode, refs.timed_peaks, bench.device)
     out: dict[str, Any] = {"budget": budget}
     if budget is None:
@@ -584,7 +589,7 @@ def timed(mode: str, bench: Bench, run: Session, refs: References, settings: Set
             predicted_ms.append(stats.predicted_ms)
             measured_ms.append(stats.measured_ms)
     refs.timed_peaks[mode] = max(peaks)
-    out.update(step_ms=sum(times) / len(times), step_ms_all=times, act_peak_bytes=max(peaks),
+    out.update(step_ms=statistics.median(times), step_ms_all=times, act_peak_bytes=max(peaks),
                act_peak_gib=max(peaks) / GiB, loss=loss)
     if run.manager is not None:
         out.update(_manager_summary(run.manager, budget, predicted_ms, measured_ms))
@@ -625,6 +630,22 @@ def run_mode(mode: str, bench: Bench, blocks: list[nn.Module], refs: References,
     return result
 
 
+def retime(mode: str, bench: Bench, blocks: list[nn.Module], refs: References,
+           settings: Settings) -> dict[str, Any]:
+    """Another round of ``mode``'s timed steps, set up anew (budgets from the first round's peaks)."""
+    with session(mode, bench, blocks, settings.min_bytes) as run:
+        result = timed(mode, bench, run, References(timed_peaks=dict(refs.timed_peaks)), settings)
+    free_memory(bench)
+    return result
+
+
+def _ratio(results: dict[str, dict[str, Any]], mode: str) -> None:
+    """Set ``mode``'s ``x_plain``: its median step time over plain's."""
+    plain = results.get("plain", {})
+    if "step_ms" in results[mode] and plain.get("step_ms"):
+        results[mode]["x_plain"] = results[mode]["step_ms"] / plain["step_ms"]
+
+
 def free_memory(bench: Bench | None = None) -> None:
     """Drop gradients and cached GPU memory."""
     if bench is not None:
@@ -656,11 +677,23 @@ def bench_model(name: str, shape: Shape, modes: list[str], settings: Settings, *
     refs = References()
     for mode in modes:
         result = run_mode(mode, bench, blocks, refs, settings)
-        plain = result if mode == "plain" else out["modes"].get("plain", {})
-        if "step_ms" in result and plain.get("step_ms"):
-            result["x_plain"] = result["step_ms"] / plain["step_ms"]
         out["modes"][mode] = result
+        _ratio(out["modes"], mode)
         print(f"  {mode:<13}{_one_line(result)}", flush=True)
+    for _ in range(1, settings.rounds):
+        for mode in modes:
+            result = out["modes"][mode]
+            if "step_ms" in result:
+                more = retime(mode, bench, blocks, refs, settings)
+                result["step_ms_all"] += more["step_ms_all"]
+                result["step_ms"] = statistics.median(result["step_ms_all"])
+                result["round_ms"] = [*result.get("round_ms", [statistics.median(result["step_ms_all"][
+                    :settings.steps])]), more["step_ms"]]
+    if settings.rounds > 1:
+        print(f"  after {settings.rounds} rounds (median of {settings.rounds * settings.steps} steps):")
+        for mode in modes:
+            _ratio(out["modes"], mode)
+            print(f"  {mode:<13}{_one_line(out['modes'][mode])}", flush=True)
     del bench, blocks, refs
     free_memory()
     return out
@@ -740,7 +773,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa"), help="HF attn_implementation")
     parser.add_argument("--warmup", type=int, default=DS_WARMUP,
                         help=f"warm-up steps of every mode (deltaswap's: at least {DS_WARMUP})")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode and round")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the modes in turn this many times (each set up anew) and take the median "
+                             "of all their timed steps: on models whose step is host-bound, the host's "
+                             "speed drifts by 10%% and more over a run")
     parser.add_argument("--min-bytes", default="1MiB", help="deltaswap's min_bytes")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", default="bench_models.json", help="where to write the JSON results")
@@ -752,8 +789,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.steps < 1:
-        raise SystemExit("--steps must be at least 1")
+    if args.steps < 1 or args.rounds < 1:
+        raise SystemExit("--steps and --rounds must be at least 1")
     modes = [m for m in MODES if m in args.modes]
     import transformers
 
@@ -764,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         shape = model_shape(name, args)
         settings = Settings(bf16=args.dtype == "bf16", warmup=args.warmup, steps=args.steps,
-                            exact_batch=args.exact_batch_size or shape.batch, min_bytes=args.min_bytes)
+                            exact_batch=args.exact_batch_size or shape.batch, min_bytes=args.min_bytes,
+                            rounds=args.rounds)
         results[name] = bench_model(name, shape, modes, settings, tiny=args.tiny, attn=args.attn,
                                     device=device)
         print("\n" + markdown_table(name, results[name]), flush=True)
@@ -773,6 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "dtype": args.dtype,
         "attn": args.attn, "tiny": args.tiny, "warmup": args.warmup, "steps": args.steps,
+        "rounds": args.rounds,
         "modes": modes, "models": results,
     }, indent=2))
     print(f"\nwrote {args.out}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import warnings
 from pathlib import Path
 
@@ -54,3 +55,20 @@ def test_tiny_models_run_every_mode_with_exact_gradients(tmp_path: Path,
         assert budgets["auto_fits"] > peaks["plain"]
     printed = capsys.readouterr().out
     assert printed.count("| mode | activation peak GiB |") == 2
+
+
+def test_rounds_time_every_mode_again_and_report_the_median(tmp_path: Path) -> None:
+    out = tmp_path / "models.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = bench_models.main(["--tiny", "--device", "cpu", "--dtype", "fp32", "--models", "gpt2",
+                                "--modes", "plain", "checkpoint", "ds_recompute", "--warmup", "0",
+                                "--steps", "2", "--rounds", "3", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["rounds"] == 3
+    modes = data["models"]["gpt2"]["modes"]
+    for mode, r in modes.items():
+        assert len(r["step_ms_all"]) == 6 and len(r["round_ms"]) == 3, mode
+        assert r["step_ms"] == statistics.median(r["step_ms_all"]), mode
+        assert r["x_plain"] == r["step_ms"] / modes["plain"]["step_ms"], mode
