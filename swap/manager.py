@@ -377,6 +377,8 @@ class ActivationManager:
         or recomputes) never starts it: no saved-tensor hooks, no per-tensor or per-module work, nothing
         to pay when nothing moves."""
         if self._engine is not None and not self._engine_on:
+            if self._model is not None:
+                self._offloader.note_buffers(self._model.buffers())
             self._engine.enter_context(self._offloader)
             self._engine.enter_context(self._offloader.swapping(False))
             self._engine_on = True

@@ -85,6 +85,7 @@ class ActivationOffloader:
         self._active = False
         self._warned_no_cuda = False
         self._warned_pool_full = False
+        self._next_buffers: list[torch.Tensor] | None = None
 
     # -- context ----------------------------------------------------------------------------------
     def __enter__(self) -> ActivationOffloader:
@@ -109,7 +110,11 @@ class ActivationOffloader:
             on_pool_full=self._warn_pool_full,
         )
         self._depth = 0
-        self._module_hooks.append(register_module_forward_pre_hook(self._step.note_module))
+        if self._next_buffers is not None:  # named for this step: no hook on every module call
+            self._step.note_buffers(self._next_buffers)
+            self._next_buffers = None
+        else:
+            self._module_hooks.append(register_module_forward_pre_hook(self._step.note_module))
         if self._modules is not None:
             for module in self._modules:
                 self._module_hooks.append(module.register_forward_pre_hook(self._enter_module))
@@ -191,6 +196,17 @@ class ActivationOffloader:
                 stacklevel=3,
             )
         return self._backend
+
+    def note_buffers(self, buffers: Iterable[torch.Tensor]) -> None:
+        """Name the module buffers of the next step (for example ``model.buffers()``): saved, they are
+        kept, like parameters, since swapping them would move bytes and free none.
+
+        Without it, each step finds the buffers of the modules as they run, through a global module
+        forward pre-hook, which costs some host time at every module call. Call it before each
+        ``with`` it is for; a buffer created during that step is then swapped like an activation
+        (correct, only wasted bandwidth).
+        """
+        self._next_buffers = list(buffers)
 
     def set_device(self, device: torch.device | str | int) -> None:
         """Choose the device whose activations are swapped, before the first step resolves the backend.

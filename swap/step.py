@@ -71,6 +71,10 @@ class OffloadStep:
             if buffer is not None:
                 self._buffer_ptrs.add(buffer.data_ptr())
 
+    def note_buffers(self, buffers: list[torch.Tensor]) -> None:
+        """These module buffers, like parameters, are kept if saved."""
+        self._buffer_ptrs.update(b.data_ptr() for b in buffers)
+
     def pack(self, tensor: torch.Tensor, *, force: bool = False) -> Saved:
         """Keep or swap one saved tensor; ``force`` swaps it even where swapping is switched off."""
         position = self.cursor

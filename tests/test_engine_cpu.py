@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.modules import module as module_hooks
 
 from deltaswap.swap import ActivationOffloader, OffloadConfig, SyncCopyBackend, offload_activations
 
@@ -75,7 +76,8 @@ def test_parameters_leaves_and_small_tensors_are_kept() -> None:
     assert off.stats.tensors_kept == 3 and off.stats.bytes_kept == 8 * 32 * 4
 
 
-def test_module_buffers_are_kept() -> None:
+@pytest.mark.parametrize("named", [False, True], ids=["found-as-modules-run", "named-for-the-step"])
+def test_module_buffers_are_kept(named: bool) -> None:
     class Scaled(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -87,12 +89,33 @@ def test_module_buffers_are_kept() -> None:
 
     model = Scaled()
     off = ActivationOffloader(ALL, backend=SyncCopyBackend())
+    if named:
+        off.note_buffers(model.buffers())
+    global_hooks = module_hooks._global_forward_pre_hooks
+    before = len(global_hooks)
     with off:
+        during = len(global_hooks)
         loss = model(torch.randn(32, 64)).sum()
     loss.backward()
     # mul saves the buffer (for its other input's gradient); the linear saves x (for the weight's)
     assert off.stats.tensors_kept == 1, "the buffer is held by the module: swapping it frees nothing"
     assert off.stats.tensors_offloaded == 1
+    # named, no hook runs at every module call; else one, and it is gone after the step
+    assert during - before == (0 if named else 1) and len(global_hooks) == before
+
+
+def test_buffers_named_for_one_step_only() -> None:
+    buffer = torch.rand(32, 64)
+    off = ActivationOffloader(ALL, backend=SyncCopyBackend())
+    x = torch.randn(32, 64, requires_grad=True)
+    # mul saves the buffer (for x's gradient); the next step, not named and run by no module, swaps it
+    for named, kept in ((True, 1), (False, 0)):
+        if named:
+            off.note_buffers([buffer])
+        with off:
+            loss = (x * buffer).sum()
+        loss.backward()
+        assert (off.stats.tensors_kept, off.stats.tensors_offloaded) == (kept, 1 - kept)
 
 
 def test_memory_is_actually_released_in_the_forward() -> None:
