@@ -576,7 +576,7 @@ def timed(mode: str, bench: Bench, run: Session, refs: References, settings: Set
     optimizer = torch.optim.AdamW(bench.params, lr=1e-4, fused=fused)
     batch = bench.make_batch(bench.shape.batch, torch.Generator().manual_seed(0))
     warmup = max(settings.warmup, DS_WARMUP) if run.manager is not None else settings.warmup
-    times, peaks, predicted_ms, measured_ms, loss = [], [], [], [], math.nan
+    times, peaks, predicted_ms, measured_ms, forward_ms, loss = [], [], [], [], [], math.nan
     for i in range(warmup + settings.steps):
         m, loss = train_step(bench, batch, run.context, cache=run.cache, bf16=settings.bf16,
                              optimizer=optimizer)
@@ -588,24 +588,28 @@ def timed(mode: str, bench: Bench, run: Session, refs: References, settings: Set
             stats = run.manager.stats
             predicted_ms.append(stats.predicted_ms)
             measured_ms.append(stats.measured_ms)
+            forward_ms.append(stats.forward_ms)
     refs.timed_peaks[mode] = max(peaks)
     out.update(step_ms=statistics.median(times), step_ms_all=times, act_peak_bytes=max(peaks),
                act_peak_gib=max(peaks) / GiB, loss=loss)
     if run.manager is not None:
-        out.update(_manager_summary(run.manager, budget, predicted_ms, measured_ms))
+        out.update(_manager_summary(run.manager, budget, predicted_ms, measured_ms, forward_ms))
     del optimizer
     return out
 
 
 def _manager_summary(mgr: ActivationManager, budget: int | str, predicted_ms: list[float],
-                     measured_ms: list[float]) -> dict[str, Any]:
-    plan = mgr.plan
+                     measured_ms: list[float], forward_ms: list[float]) -> dict[str, Any]:
+    plan, work = mgr.plan, mgr.workload
     assert plan is not None
     return {
         "predicted_peak_bytes": plan.predicted_peak,
         "predicted_peak_gib": plan.predicted_peak / GiB,
         "predicted_fwd_bwd_ms": sum(predicted_ms) / len(predicted_ms),
         "measured_fwd_bwd_ms": sum(measured_ms) / len(measured_ms),
+        # what swapping alone could free: what PCIe carries while the forward runs
+        "measured_forward_ms": statistics.median(forward_ms),
+        "d2h_gbps": work.bandwidth.d2h_gbps if work is not None else math.nan,
         "blocks_planned": len(plan.blocks),
         "blocks": mgr.blocks_summary,
         "outside_share": plan.outside_share,
@@ -703,8 +707,13 @@ def _one_line(r: dict[str, Any]) -> str:
     for key in ("oom", "error", "skipped"):
         if key in r:
             return f"{key}: {r[key]}"
-    return (f"step {r['step_ms']:9.1f} ms  x plain {r.get('x_plain', math.nan):6.3f}  act peak "
+    line = (f"step {r['step_ms']:9.1f} ms  x plain {r.get('x_plain', math.nan):6.3f}  act peak "
             f"{r['act_peak_gib']:9.4g} GiB  exact {r.get('exact')}")
+    if "predicted_peak_bytes" in r:
+        budget = r["budget"] / GiB if isinstance(r["budget"], int) else math.nan
+        line += (f"  predicted peak {r['predicted_peak_gib']:.6g} GiB (budget {budget:.6g}), f+b "
+                 f"{r['predicted_fwd_bwd_ms']:.1f} ms predicted, {r['measured_fwd_bwd_ms']:.1f} measured")
+    return line
 
 
 def markdown_table(name: str, result: dict[str, Any]) -> str:
