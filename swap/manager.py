@@ -20,6 +20,11 @@ from typing import Any
 
 import torch
 from torch import nn
+
+# Imported with the package, not lazily: torch's checkpoint imports dynamo at its first call, and that
+# first import keeps the frames on the stack at that moment alive for good (the manager's, the step's,
+# the model's), which would keep the first manager of a process and its pinned memory alive.
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     _CHECKPOINT_WRAPPED_MODULE,
     CheckpointWrapper,
@@ -202,8 +207,6 @@ class ActivationManager:
         if self._model is not None:
             raise ValueError("this ActivationManager already wraps another model: use one manager per model, "
                              "or call unwrap() first")
-        from torch._dynamo.eval_frame import OptimizedModule  # here: importing dynamo takes a while
-
         if any(isinstance(m, OptimizedModule) for m in model.modules()):
             raise ValueError(
                 "deltaswap runs the model eagerly (its per-op plan runs in dispatch modes that "
@@ -238,7 +241,7 @@ class ActivationManager:
         ids = {id(b) for b in blocks}
         apply_activation_checkpointing(
             model,
-            checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_fn=self._run_block),
+            checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_fn=_block_runner(self)),
             check_fn=lambda m: id(m) in ids,
         )
         self._originals = [
@@ -845,6 +848,19 @@ def _moves_nothing(plan: Plan | None) -> bool:
         and all(d is not OpDecision.SWAP for d in b.decisions.values())
         for b in plan.blocks
     )
+
+
+def _block_runner(manager: ActivationManager) -> Callable[..., Any]:
+    """What a wrapped block calls: ``manager``'s block runner, through a weak reference, so that the
+    model does not keep its manager (and the pinned memory it holds) alive in a cycle. Once the manager
+    is gone, the block runs plainly."""
+    ref = weakref.ref(manager)
+
+    def run(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        mgr = ref()
+        return block(*args, **kwargs) if mgr is None else mgr._run_block(block, *args, **kwargs)
+
+    return run
 
 
 def _first_grad_tensor(values: Sequence[Any]) -> torch.Tensor | None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
+from typing import TypeVar
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
@@ -17,6 +19,8 @@ from .config import OffloadConfig, format_bytes
 from .pool import PinnedPool, available_host_bytes
 from .stats import OffloadStats
 from .step import OffloadStep
+
+_T = TypeVar("_T")
 
 
 class ActivationOffloader:
@@ -106,8 +110,9 @@ class ActivationOffloader:
             self.config,
             backend,
             self._pool,
-            swap_enabled=self._swap_enabled,
-            on_pool_full=self._warn_pool_full,
+            # weakly: the step (and the pool it holds) must not keep a dropped offloader alive in a cycle
+            swap_enabled=_weakly(self._swap_enabled, False),
+            on_pool_full=_weakly(self._warn_pool_full, None),
         )
         self._depth = 0
         if self._next_buffers is not None:  # named for this step: no hook on every module call
@@ -258,6 +263,17 @@ class ActivationOffloader:
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+
+def _weakly(method: Callable[[], _T], default: _T) -> Callable[[], _T]:
+    """``method`` called through a weak reference to its object (``default`` once the object is gone)."""
+    ref = weakref.WeakMethod(method)  # type: ignore[arg-type]
+
+    def call() -> _T:
+        bound = ref()
+        return bound() if bound is not None else default
+
+    return call
 
 
 def offload_activations(

@@ -1,0 +1,111 @@
+"""Who owns the engine's memory on CPU: an offloader, a manager or a model dropped without ``close()`` is
+freed at once, by reference counting alone (the garbage collector switched off), together with its pinned
+pool; a context created anew every step leaves one pool alive, not one per step; a model whose manager is
+gone trains plainly."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import warnings
+import weakref
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from deltaswap.swap import ActivationManager, ActivationOffloader, OffloadConfig, SwapConfig, SyncCopyBackend
+from deltaswap.swap.pool import PinnedPool
+
+from gpt import GPT, GPTConfig, random_batch
+from helpers import assert_bitwise_equal
+
+CFG = GPTConfig(vocab_size=61, seq_len=16, n_layer=3, n_head=2, d_model=32)
+
+
+@pytest.fixture(autouse=True)
+def no_garbage_collector() -> Iterator[None]:
+    """What is freed here is freed by reference counting: a reference cycle would keep it alive."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def swapped_step(off: ActivationOffloader, lin: nn.Module) -> None:
+    x = torch.randn(8, 32, requires_grad=True)
+    with off:
+        loss = lin(x).relu().sum()
+    loss.backward()
+    assert off.stats.tensors_offloaded > 0
+
+
+def test_a_dropped_offloader_and_its_pool_are_freed_at_once() -> None:
+    lin = nn.Linear(32, 32)
+    off = ActivationOffloader(OffloadConfig(min_bytes=0), backend=SyncCopyBackend())
+    swapped_step(off, lin)
+    refs = [weakref.ref(off), weakref.ref(off._pool)]  # never closed
+    del off
+    assert [r() for r in refs] == [None, None]
+
+
+def test_a_context_per_step_leaves_one_pool_alive() -> None:
+    lin = nn.Linear(32, 32)
+    pools: list[weakref.ref[PinnedPool]] = []
+    for _ in range(20):  # torch's save_on_cpu idiom: the context written inside the loop
+        off = ActivationOffloader(OffloadConfig(min_bytes=0), backend=SyncCopyBackend())
+        swapped_step(off, lin)
+        pools.append(weakref.ref(off._pool))
+    assert sum(r() is not None for r in pools) == 1  # the last step's, still named by ``off``
+
+
+def train(model: GPT, mgr: ActivationManager | None, steps: int = 3) -> list[list[torch.Tensor]]:
+    out = []
+    for i in range(steps):
+        model.zero_grad(set_to_none=True)
+        x, y = random_batch(CFG, 2, "cpu", torch.Generator().manual_seed(i))
+        with mgr.step() if mgr is not None else contextlib.nullcontext():
+            loss = model(x, y)
+        loss.backward()
+        out.append([p.grad.clone() for p in model.parameters()])
+    return out
+
+
+def manager(policy: str) -> ActivationManager:
+    return ActivationManager(SwapConfig(policy=policy, min_bytes=0, bandwidth_gbps=50.0),
+                             backend=SyncCopyBackend())
+
+
+@pytest.mark.parametrize("policy", ["swap", "recompute", "keep", "auto"])
+def test_a_dropped_manager_and_its_model_are_freed_at_once(policy: str) -> None:
+    model = GPT(CFG)
+    mgr = manager(policy)
+    mgr.wrap(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU warning
+        train(model, mgr)
+    refs = [weakref.ref(model), weakref.ref(mgr), weakref.ref(mgr._offloader)]
+    if policy == "swap":
+        assert mgr._offloader._pool is not None
+        refs.append(weakref.ref(mgr._offloader._pool))
+    del model, mgr  # never closed
+    assert [r() for r in refs] == [None] * len(refs)
+
+
+def test_a_model_whose_manager_is_gone_trains_plainly() -> None:
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    plain = train(model, None)
+    mgr = manager("swap")
+    mgr.wrap(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(model, mgr)
+    ref = weakref.ref(mgr)
+    del mgr  # the model keeps its wrappers, not the manager
+    assert ref() is None
+    for expected, actual in zip(plain, train(model, None), strict=True):
+        assert_bitwise_equal(expected, actual)
