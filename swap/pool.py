@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import torch
@@ -35,8 +36,20 @@ def share_note(available: Callable[[], int]) -> str:
 
 
 def available_host_bytes() -> int:
-    """Host RAM available to new allocations, as psutil reports it."""
-    return int(psutil.virtual_memory().available)
+    """Host RAM available to a new pinned allocation: what psutil reports as available, plus the pinned
+    memory that torch's caching host allocator holds idle (:func:`reusable_pinned_bytes`), which psutil
+    counts as used but a new pinned allocation of the same size takes back without pinning more."""
+    stats = torch.cuda.host_memory_stats() if torch.cuda.is_initialized() else {}
+    return int(psutil.virtual_memory().available) + reusable_pinned_bytes(stats)
+
+
+def reusable_pinned_bytes(stats: Mapping[str, Any]) -> int:
+    """The pinned bytes torch's caching host allocator holds but has not handed out, from its
+    statistics (``torch.cuda.host_memory_stats()``): blocks cached after their tensors were freed (an
+    earlier offloader's pool, say), which it hands to the next pinned allocation of their size."""
+    held = int(stats.get("allocated_bytes.current", 0))
+    active = int(stats.get("active_bytes.current", 0))
+    return max(0, held - active)
 
 
 @dataclass

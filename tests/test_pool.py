@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from deltaswap.swap import Copy, HostMemoryError, PinnedPool, SyncCopyBackend
-from deltaswap.swap.pool import ALIGN
+from deltaswap.swap import pool as pool_module
+from deltaswap.swap.pool import ALIGN, available_host_bytes, reusable_pinned_bytes
 
 GiB = 1 << 30
 
@@ -132,3 +135,26 @@ def test_release_refuses_while_blocks_are_in_use() -> None:
     pool.free(block)
     pool.release()
     assert pool.capacity == 0
+
+
+# -- host RAM that torch's caching host allocator holds ------------------------------------------------------
+def test_idle_cached_pinned_memory_is_reusable() -> None:
+    stats = {"allocated_bytes.current": 3 * GiB, "active_bytes.current": GiB}  # 2 GiB cached, idle
+    assert reusable_pinned_bytes(stats) == 2 * GiB
+    assert reusable_pinned_bytes({}) == 0  # CUDA not initialized: nothing cached
+    assert reusable_pinned_bytes({"allocated_bytes.current": GiB, "active_bytes.current": GiB}) == 0
+
+
+def test_available_host_ram_counts_pinned_memory_torch_can_hand_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # an earlier offloader's 6 GiB pool, freed: torch keeps it pinned (psutil counts it as used) and hands
+    # it to the next pinned allocation of its size, so a new pool of that size needs no more host RAM
+    cached = {"allocated_bytes.current": 8 * GiB, "active_bytes.current": 2 * GiB}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda: cached)
+    monkeypatch.setattr(pool_module.psutil, "virtual_memory", lambda: SimpleNamespace(available=3 * GiB))
+    assert available_host_bytes() == 9 * GiB
+    pool = PinnedPool(SyncCopyBackend(), reserve_bytes=2 * GiB)  # the default check: 6 GiB fits in 9 - 2
+    pool._check_host_ram(6 * GiB)
+    with pytest.raises(HostMemoryError):
+        pool._check_host_ram(8 * GiB)
