@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import warnings
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +111,14 @@ def test_a_model_whose_manager_is_gone_trains_plainly() -> None:
     assert ref() is None
     for expected, actual in zip(plain, train(model, None), strict=True):
         assert_bitwise_equal(expected, actual)
+
+
+def test_the_context_per_step_script_runs_exactly_on_a_cpu(tmp_path: Path) -> None:
+    import context_per_step
+
+    out = tmp_path / "c.json"
+    gc.enable()  # the script's own run: not a reference-counting check
+    assert context_per_step.main(["--preset", "tiny", "--batch-size", "2", "--steps", "3", "--device", "cpu",
+                                  "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["exact"] and data["flat"] and len(data["rows"]) == 3
