@@ -64,16 +64,18 @@ def test_a_context_per_step_leaves_one_pool_alive() -> None:
     assert sum(r() is not None for r in pools) == 1  # the last step's, still named by ``off``
 
 
+def one_step(model: GPT, mgr: ActivationManager | None, i: int) -> list[torch.Tensor]:
+    """Step ``i`` (batch ``i``) from the model's current weights: its gradients."""
+    model.zero_grad(set_to_none=True)
+    x, y = random_batch(CFG, 2, "cpu", torch.Generator().manual_seed(i))
+    with mgr.step() if mgr is not None else contextlib.nullcontext():
+        loss = model(x, y)
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
 def train(model: GPT, mgr: ActivationManager | None, steps: int = 3) -> list[list[torch.Tensor]]:
-    out = []
-    for i in range(steps):
-        model.zero_grad(set_to_none=True)
-        x, y = random_batch(CFG, 2, "cpu", torch.Generator().manual_seed(i))
-        with mgr.step() if mgr is not None else contextlib.nullcontext():
-            loss = model(x, y)
-        loss.backward()
-        out.append([p.grad.clone() for p in model.parameters()])
-    return out
+    return [one_step(model, mgr, i) for i in range(steps)]
 
 
 def manager(policy: str) -> ActivationManager:
@@ -122,3 +124,37 @@ def test_the_context_per_step_script_runs_exactly_on_a_cpu(tmp_path: Path) -> No
                                   "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["exact"] and data["flat"] and len(data["rows"]) == 3
+
+
+def test_a_context_per_step_for_200_steps_holds_one_steps_pool() -> None:
+    lin = nn.Linear(32, 32)
+    pools: list[weakref.ref[PinnedPool]] = []
+    held: list[int] = []
+    for _ in range(200):
+        off = ActivationOffloader(OffloadConfig(min_bytes=0), backend=SyncCopyBackend())
+        swapped_step(off, lin)
+        pools.append(weakref.ref(off._pool))
+        held.append(sum(p.capacity for p in (r() for r in pools) if p is not None))
+    assert set(held) == {held[0]}  # the host bytes of the live pools: one step's, flat
+    assert sum(r() is not None for r in pools) == 1
+
+
+def test_two_managers_in_one_process_train_exactly_and_go_when_dropped() -> None:
+    torch.manual_seed(1)
+    models = [GPT(CFG), GPT(CFG)]
+    plain = [train(m, None) for m in models]
+    managers = [manager("swap"), manager("recompute")]
+    for model, mgr in zip(models, managers, strict=True):
+        mgr.wrap(model)
+    ours: list[list[list[torch.Tensor]]] = [[], []]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(3):  # their steps interleaved: step i of one model, then of the other
+            for k in (0, 1):
+                ours[k].append(one_step(models[k], managers[k], i))
+    for k in (0, 1):
+        for expected, actual in zip(plain[k], ours[k], strict=True):
+            assert_bitwise_equal(expected, actual)
+    refs = [weakref.ref(x) for x in (*models, *managers)]
+    del models, managers, model, mgr
+    assert [r() for r in refs] == [None] * 4
