@@ -14,7 +14,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_leaves
 from .arguments import without_cache
 from .backend import CopyBackend, CudaCopyBackend
 from .blockprofile import BlockProfile, SavedBytes, grad_bytes, shape_key
+from .calibration import calibrate, forward_scale
 from .config import UNLIMITED, SwapConfig, format_budget, format_bytes
 from .discovery import describe_blocks, find_blocks
 from .hostcost import NO_HOST_COST, HostCost, measure_host_cost
@@ -49,8 +50,6 @@ from .planner import (
     plan_auto,
     plan_first,
     plan_manual,
-    profiling_plans,
-    simulate,
 )
 from .pool import HostMemoryError, available_host_bytes, share_note
 from .profile import Bandwidth, measure_bandwidth
@@ -628,7 +627,7 @@ class ActivationManager:
         )
         self._works[key] = (work, profile, end)
         self._observed.discard(key)
-        self._store_plan(key, self._calibrate(work, profile, self._times(profile, end), 1.0))
+        self._store_plan(key, calibrate(work, profile, self._times(profile, end), 1.0))
         if profile.blocks_mark is None and self._on_cuda():
             self._late.add(key)  # its backward has not run yet (gradient accumulation): calibrate later
 
@@ -643,7 +642,7 @@ class ActivationManager:
         for key in [k for k in self._late if k in self._works and self._works[k][1].blocks_mark is not None]:
             self._late.discard(key)
             work, profile, end = self._works[key]
-            self._store_plan(key, self._calibrate(work, profile, self._times(profile, end), 1.0), warn=False)
+            self._store_plan(key, calibrate(work, profile, self._times(profile, end), 1.0), warn=False)
 
     def _store_plan(self, key: tuple[Any, ...], work: Workload, *, warn: bool = True) -> None:
         manual = self._manual.get(key)
@@ -720,34 +719,6 @@ class ActivationManager:
             f"of {format_budget(budget)}. Lower the batch size, raise memory_budget, or free host RAM."
         )
 
-    @staticmethod
-    def _calibrate(work: Workload, profile: BlockProfile, times: tuple[float, float],
-                   scale: float) -> Workload:
-        """Fit the model to what was measured.
-
-        Op times are scaled by ``scale`` (timing every op slows the profiling step; the first planned
-        step says by how much, clamped to [0.2, 5]). From the profiling step: the head's backward time and
-        the blocks' backward-to-forward ratio (``times``); the activation bytes outside the blocks (so its
-        forward-end memory is predicted exactly), the head backward's transient memory, and an offset for
-        the blocks' backward peak.
-        """
-        scale = min(5.0, max(0.2, scale))
-        work = work.scaled(scale) if scale != 1.0 else work
-        head_ms, blocks_ms = times
-        block_forward = sum(b.forward_ms for b in work.blocks)
-        plain = set(work.plain_calls)  # the profiling step recomputed every other call
-        recompute = sum(b.forward_ms for k, b in enumerate(work.blocks) if k not in plain)
-        if blocks_ms > recompute and block_forward > 0:
-            ratio = min(6.0, max(0.5, (blocks_ms - recompute) / block_forward))
-            work = replace(work, backward_ratio=ratio, other_backward_ms=head_ms)
-        if profile.head_peak is not None and profile.blocks_peak is not None:
-            plans = profiling_plans(work)
-            kept = sum(p.kept_bytes for p in plans)
-            work = replace(work, other_bytes=max(0, profile.forward_end - kept),
-                           head_transient=max(0, profile.head_peak - profile.forward_end), peak_offset=0)
-            work = replace(work, peak_offset=profile.blocks_peak - simulate(work, plans).blocks_peak)
-        return work
-
     def _observe(self) -> None:
         """After the first step that ran a plan, compare its forward time with the prediction, rescale
         the measured op times if they differ by more than 5%, and plan once more (the first plan was
@@ -763,14 +734,8 @@ class ActivationManager:
         self._observed.add(key)
         work, profile, end = self._works[key]
         times = self._times(profile, end)
-        current = self._calibrate(work, profile, times, 1.0)
-        predicted = simulate(current, plan.blocks).forward_ms
-        measured = self._elapsed(*marks)
-        scale = 1.0
-        has_ops = sum(b.forward_ms for b in work.blocks) > 0
-        if predicted > 0 and abs(measured / predicted - 1) > 0.05 and has_ops:
-            scale = measured / predicted  # the blocks' ops scale so the whole forward matches
-        self._store_plan(key, self._calibrate(work, profile, times, scale), warn=False)
+        scale = forward_scale(calibrate(work, profile, times, 1.0), plan, self._elapsed(*marks))
+        self._store_plan(key, calibrate(work, profile, times, scale), warn=False)
 
     def _budget(self) -> int:
         budget = self.config.memory_budget

@@ -1,0 +1,56 @@
+"""Fitting the planner's model to what was measured: the profiling step's times and peaks, and the
+forward time of the first step that ran a plan."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .blockprofile import BlockProfile
+from .planner import Plan, Workload, profiling_plans, simulate
+
+SCALE_LIMITS = (0.2, 5.0)
+"""The least and the most the op times are rescaled by."""
+SCALE_TOLERANCE = 0.05
+"""A measured forward within this fraction of the predicted one leaves the op times as they are."""
+
+
+def calibrate(work: Workload, profile: BlockProfile, times: tuple[float, float], scale: float) -> Workload:
+    """``work`` fitted to what its profiling step measured.
+
+    Op times are scaled by ``scale`` (timing every op slows the profiling step; the first planned step
+    says by how much: :func:`forward_scale`), clamped to :data:`SCALE_LIMITS`. From the profiling step:
+    the head's backward time and the blocks' backward-to-forward ratio (``times``: the head's and the
+    blocks' backward in ms, zeros if its backward has not run); the activation bytes outside the blocks
+    (so its forward-end memory is predicted exactly), the head backward's transient memory, and an offset
+    for the blocks' backward peak.
+
+    Example::
+
+        >>> work = calibrate(work, profile, (head_ms, blocks_ms), 1.0)       # doctest: +SKIP
+    """
+    scale = min(SCALE_LIMITS[1], max(SCALE_LIMITS[0], scale))
+    work = work.scaled(scale) if scale != 1.0 else work
+    head_ms, blocks_ms = times
+    block_forward = sum(b.forward_ms for b in work.blocks)
+    plain = set(work.plain_calls)  # the profiling step recomputed every other call
+    recompute = sum(b.forward_ms for k, b in enumerate(work.blocks) if k not in plain)
+    if blocks_ms > recompute and block_forward > 0:
+        ratio = min(6.0, max(0.5, (blocks_ms - recompute) / block_forward))
+        work = replace(work, backward_ratio=ratio, other_backward_ms=head_ms)
+    if profile.head_peak is not None and profile.blocks_peak is not None:
+        plans = profiling_plans(work)
+        kept = sum(p.kept_bytes for p in plans)
+        work = replace(work, other_bytes=max(0, profile.forward_end - kept),
+                       head_transient=max(0, profile.head_peak - profile.forward_end), peak_offset=0)
+        work = replace(work, peak_offset=profile.blocks_peak - simulate(work, plans).blocks_peak)
+    return work
+
+
+def forward_scale(work: Workload, plan: Plan, measured_forward_ms: float) -> float:
+    """How much to rescale ``work``'s op times so that ``plan``'s predicted forward matches the one a
+    step measured: 1.0 within :data:`SCALE_TOLERANCE`, or when there is nothing to scale."""
+    predicted = simulate(work, plan.blocks).forward_ms
+    has_ops = sum(b.forward_ms for b in work.blocks) > 0
+    if predicted > 0 and abs(measured_forward_ms / predicted - 1) > SCALE_TOLERANCE and has_ops:
+        return measured_forward_ms / predicted  # the blocks' ops scale so the whole forward matches
+    return 1.0
