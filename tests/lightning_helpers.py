@@ -75,3 +75,32 @@ def fit(
 
 def params(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
+
+
+class LitHF(L.LightningModule):
+    """A Hugging Face causal LM built from its config (:func:`brought.build`, the KV cache on, its
+    default) trained with SGD; ``caches`` records the cache length each training step's output held."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        from brought import build  # transformers only where an HF model is asked for
+
+        self.model, _ = build(name)
+        self.caches: list[int] = []
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        from brought import kv_cache_length
+
+        (ids,) = batch
+        out = self.model(input_ids=ids, labels=ids)
+        self.caches.append(kv_cache_length(out))
+        return out.loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def hf_batches(batches: int = 4) -> DataLoader:
+    """``batches`` batches of 2 sequences of 16 token ids (below the tiny configs' vocabulary)."""
+    ids = torch.randint(2, 64, (2 * batches, 16), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(ids), batch_size=2, shuffle=False)

@@ -10,8 +10,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from test_strategy_ddp import run_parallel
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from deltaswap.swap import ActivationManager, SwapConfig, SyncCopyBackend
 from deltaswap.swap.discovery import describe_blocks, find_blocks
@@ -19,6 +19,7 @@ from deltaswap.swap.planner import BlockMode
 
 from brought import HF_MODELS, MODELS, Loss, build, kv_cache_length
 from helpers import assert_bitwise_equal
+from lightning_helpers import LitHF, hf_batches
 
 pytest.importorskip("transformers")
 pytest.importorskip("torchvision")
@@ -306,29 +307,6 @@ def test_hf_models_keep_their_state_dict_and_unwrap(name: str) -> None:
 
 
 # -- through the adapters ----------------------------------------------------------------------------------
-class LitHF(L.LightningModule):
-    """A Hugging Face causal LM (its config's defaults: the KV cache on) trained with SGD."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.model, _ = build(name)
-        self.caches: list[int] = []
-
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        (ids,) = batch
-        out = self.model(input_ids=ids, labels=ids)
-        self.caches.append(kv_cache_length(out))
-        return out.loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def hf_batches() -> DataLoader:
-    ids = torch.randint(2, 64, (8, 16), generator=torch.Generator().manual_seed(0))
-    return DataLoader(TensorDataset(ids), batch_size=2, shuffle=False)
-
-
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_hf_models_train_through_swap_strategy_as_without_it(name: str, tmp_path: Path) -> None:
     from deltaswap.strategy import SwapStrategy
@@ -348,6 +326,20 @@ def test_hf_models_train_through_swap_strategy_as_without_it(name: str, tmp_path
         weights.append([p.detach().clone() for p in module.parameters()])
     assert_bitwise_equal(*weights)
     assert trainer.strategy.plan is not None and trainer.strategy.plan.recompute_ops > 0
+
+
+@pytest.mark.parametrize(("plain", "ours"), [("ddp", "deltaswap_ddp"), ("fsdp", "deltaswap_fsdp")])
+def test_hf_gpt2_trains_through_the_ddp_and_fsdp_strategies_as_without_them(plain: str, ours: str,
+                                                                            tmp_path: Path) -> None:
+    # two CPU ranks; recompute would append to the KV cache again if deltaswap kept it on
+    expected = run_parallel(plain, tmp_path / "plain", "--model", "gpt2")
+    got = run_parallel(ours, tmp_path / "ours", "--model", "gpt2", "--policy", "recompute")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    for rank in (0, 1):
+        assert (tmp_path / "ours" / f"cache_rank{rank}.txt").read_text() == "0 0 0 0"
+        assert "checkpoint" in (tmp_path / "ours" / f"plan_rank{rank}.txt").read_text()
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
