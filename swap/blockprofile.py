@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves
 
 from .arguments import check_unchanged, watched_arguments
 from .planner import BlockCost
@@ -78,7 +80,19 @@ class BlockProfile:
         self.modules: list[nn.Module] = []
         self.plain_calls: list[int] = []
         """The calls that ran plainly (the first of each kind); every other call ran checkpointed."""
+        self.chained: list[int] = []
+        """Bytes of each call's input that are the previous call's output."""
+        self.ends: list[tuple[int, int]] = []
+        """For each call, the bytes of its own output and of its own input among what it saves plainly
+        (measured once per kind)."""
+        self.input_storages: list[tuple[tuple[int, int], ...]] = []
+        """For each call, its kept positional inputs' storages as ``(id, bytes)``, ids shared between
+        calls that take the same tensor."""
+        self._storage_ids: dict[int, tuple[int, StorageWeakRef]] = {}
+        self._next_id = 0
         self._kinds: dict[tuple[Any, ...], int] = {}
+        self._kind_ends: dict[tuple[Any, ...], tuple[int, int]] = {}
+        self._last_outputs: dict[int, int] = {}
         self._structures: dict[int, tuple[Any, ...]] = {}
         self.baseline = 0
         """GPU bytes allocated when the step began."""
@@ -106,27 +120,50 @@ class BlockProfile:
             ValueError: if the block changed a non-tensor argument in place (see
                 :func:`~deltaswap.swap.arguments.check_unchanged`).
         """
-        self.inputs.append(sum(v.numel() * v.element_size() for v in args if isinstance(v, torch.Tensor)))
+        # what a checkpointed call keeps of its input (a leaf that requires grad is the user's to hold)
+        kept_args = [v for v in args if isinstance(v, torch.Tensor) and not held_elsewhere(v)]
+        self.inputs.append(sum(v.numel() * v.element_size() for v in kept_args))
+        distinct = {v.untyped_storage().data_ptr(): v for v in kept_args}.values()
+        self.input_storages.append(tuple((self._storage_id(v), v.untyped_storage().nbytes())
+                                         for v in distinct))
         self.names.append(name)
         self.modules.append(block)
+        inputs = _storages([*args, *kwargs.values()])
+        self.chained.append(sum(n for ptr, n in inputs.items() if ptr in self._last_outputs))
         structure = self._structures.get(id(block))
         if structure is None:
             structure = self._structures[id(block)] = block_structure(block)
         kind = block_kind(block, args, kwargs, structure)
         if kind in self._kinds:
             self.saved.append(self._kinds[kind])
-            return checkpoint_with_policy(block, *args, policy=recompute_all, store=store, profiler=self.ops,
-                                          fn_kwargs=kwargs)
+            self.ends.append(self._kind_ends[kind])
+            out = checkpoint_with_policy(block, *args, policy=recompute_all, store=store, profiler=self.ops,
+                                         fn_kwargs=kwargs)
+            self._last_outputs = _storages(tree_leaves(out))
+            return out
         watched = watched_arguments(args, kwargs)
         saved = SavedBytes()  # what the engine would keep or swap
         frame = _Frame(recompute_all, LocalStore(), self.ops)
         with saved.hooks(), _RecordingMode(frame):
             out = block(*args, **kwargs)
         check_unchanged(watched, args, kwargs, name, block)
+        self._last_outputs = _storages(tree_leaves(out))
         self._kinds[kind] = saved.total
+        self._kind_ends[kind] = (saved.of(self._last_outputs), saved.of(inputs))
         self.saved.append(self._kinds[kind])
+        self.ends.append(self._kind_ends[kind])
         self.plain_calls.append(call)
         return out
+
+    def _storage_id(self, tensor: torch.Tensor) -> int:
+        """The id of ``tensor``'s storage in this step: the same for every call given that storage, a
+        new one for a storage at the address of one since freed."""
+        ptr = tensor.untyped_storage().data_ptr()
+        known = self._storage_ids.get(ptr)
+        if known is None or known[1].expired():
+            known = self._storage_ids[ptr] = (self._next_id, StorageWeakRef(tensor.untyped_storage()))
+            self._next_id += 1
+        return known[0]
 
     def costs(self) -> tuple[BlockCost, ...]:
         """One cost per block call, in call order (waits for the timing events). The gradient bytes of
@@ -137,7 +174,9 @@ class BlockProfile:
             module = self.modules[k]
             grads = 0 if id(module) in seen else grad_bytes(module)
             seen.add(id(module))
-            result.append(BlockCost(tuple(ops), self.inputs[k], self.saved[k], grads))
+            output_saved, input_saved = self.ends[k]
+            result.append(BlockCost(tuple(ops), self.inputs[k], self.saved[k], grads, output_saved,
+                                    input_saved, self.chained[k], self.input_storages[k]))
         return tuple(result)
 
 
@@ -153,6 +192,10 @@ class SavedBytes:
     def total(self) -> int:
         """Bytes counted so far."""
         return sum(self._storages.values())
+
+    def of(self, storages: dict[int, int]) -> int:
+        """Bytes counted so far that belong to ``storages`` (by address, as :func:`_storages` gives)."""
+        return sum(n for ptr, n in self._storages.items() if ptr in storages)
 
     def hooks(self) -> saved_tensors_hooks:
         """The saved-tensor hooks that count (and change nothing)."""
@@ -171,3 +214,9 @@ def grad_bytes(module: nn.Module) -> int:
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _storages(values: Any) -> dict[int, int]:
+    """The storages of the tensors among ``values`` (not nested), by address, with their bytes."""
+    return {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+            for v in values if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes()}

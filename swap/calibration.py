@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .blockprofile import BlockProfile
-from .planner import Plan, Workload, profiling_plans, simulate
+from .planner import Plan, Workload, held_bytes, profiling_plans, simulate
 
 SCALE_LIMITS = (0.2, 5.0)
 """The least and the most the op times are rescaled by."""
@@ -39,7 +39,7 @@ def calibrate(work: Workload, profile: BlockProfile, times: tuple[float, float],
         work = replace(work, backward_ratio=ratio, other_backward_ms=head_ms)
     if profile.head_peak is not None and profile.blocks_peak is not None:
         plans = profiling_plans(work)
-        kept = sum(p.kept_bytes for p in plans)
+        kept = sum(held_bytes(work, plans))
         work = replace(work, other_bytes=max(0, profile.forward_end - kept),
                        head_transient=max(0, profile.head_peak - profile.forward_end), peak_offset=0)
         work = replace(work, peak_offset=profile.blocks_peak - simulate(work, plans).blocks_peak)

@@ -42,6 +42,7 @@ from .discovery import describe_blocks, find_blocks
 from .hostcost import NO_HOST_COST, HostCost, measure_host_cost
 from .offloader import ActivationOffloader
 from .planner import (
+    BlockCost,
     BlockMode,
     BlockPlan,
     Plan,
@@ -367,8 +368,9 @@ class ActivationManager:
         if self._profile is not None:
             if self._on_cuda():
                 self._profile.forward_end = torch.cuda.memory_allocated() - self._profile.baseline
+            # counted: each storage once; the engine: each kept tensor (in a profiling step nothing swaps)
             saved = counted.total if counted is not None else self._offloader.saved_bytes
-            self._pending = (self._key, self._profile, *self._step_marks, saved)
+            self._pending = (self._key, self._profile, *self._step_marks, saved, counted is not None)
 
     def _device_is_cpu(self) -> bool:
         param = next(self._model.parameters(), None) if self._model is not None else None
@@ -600,14 +602,14 @@ class ActivationManager:
     def _finish_profiling(self) -> None:
         if self._pending is None:
             return
-        key, profile, start, end, saved_total = self._pending
+        key, profile, start, end, saved_total, per_storage = self._pending
         self._pending = None
         blocks = profile.costs()
         plain = set(profile.plain_calls)
         block_ms = sum(b.forward_ms for b in blocks)
         other_ms = max(0.0, self._elapsed(start, end) - block_ms)
         # the engine saw the checkpointed calls' inputs and what lies outside the blocks
-        other_bytes = max(0, saved_total - sum(b.input_bytes for k, b in enumerate(blocks) if k not in plain))
+        other_bytes = max(0, saved_total - _checkpointed_inputs(blocks, plain, per_storage))
         work = Workload(
             blocks=blocks,
             other_bytes=other_bytes,
@@ -826,6 +828,15 @@ def _block_runner(manager: ActivationManager) -> Callable[..., Any]:
         return block(*args, **kwargs) if mgr is None else mgr._run_block(block, *args, **kwargs)
 
     return run
+
+
+def _checkpointed_inputs(blocks: Sequence[BlockCost], plain: set[int], per_storage: bool) -> int:
+    """Bytes of the inputs the profiling step's checkpointed calls saved through the outer hooks:
+    counted per storage (a mask every call takes, once) or per tensor, as the step's total was."""
+    calls = [b for k, b in enumerate(blocks) if k not in plain]
+    if not per_storage:
+        return sum(b.input_bytes for b in calls)
+    return sum(dict(s for b in calls for s in b.input_storages).values())
 
 
 def _first_grad_tensor(values: Sequence[Any]) -> torch.Tensor | None:

@@ -72,6 +72,18 @@ class BlockCost:
     """Bytes autograd saves when the block runs plainly."""
     grad_bytes: int = 0
     """Bytes of the gradients of its parameters, allocated during its backward."""
+    output_saved: int = 0
+    """Bytes of its own output among what it saves when run plainly (a CNN block ending in a ReLU saves
+    its output): the next block's input, which the two must not both count."""
+    input_saved: int = 0
+    """Bytes of its own input among what it saves when run plainly (its first convolution or linear
+    layer saves it)."""
+    chained: int = 0
+    """Bytes of its input that are the previous block call's output (a chain of blocks)."""
+    input_storages: tuple[tuple[int, int], ...] = ()
+    """Its input tensors' storages, as ``(id, bytes)`` with ids numbered over the step's calls: calls
+    that take the same tensor (an attention mask, a position bias, the encoder's output) share an id,
+    and checkpointed calls that keep it hold it once."""
 
     @functools.cached_property
     def forward_ms(self) -> float:
@@ -332,6 +344,41 @@ class Prediction:
     gradients remain)."""
 
 
+def shared_with_previous(previous: tuple[BlockCost, BlockPlan] | None, cost: BlockCost,
+                         plan: BlockPlan) -> int:
+    """Bytes that block call ``cost`` (run as ``plan``) counts as held and the call before it
+    (``previous``) counts too: the storage between them, the earlier block's output, which a kept
+    earlier block holds (when it saves its output) and the later one holds again as its kept input
+    (checkpointed) or saves again (kept, when it saves its input). Counted once."""
+    if previous is None or not cost.chained:
+        return 0
+    prev_cost, prev_plan = previous
+    if prev_plan.mode is not BlockMode.KEEP:
+        return 0  # a checkpointed earlier block holds its own input only; a swapped one moves its bytes
+    held_before = min(prev_cost.output_saved, cost.chained)
+    if plan.mode is BlockMode.CHECKPOINT and not plan.swap_input:
+        return held_before
+    if plan.mode is BlockMode.KEEP:
+        return min(held_before, cost.input_saved)
+    return 0
+
+
+def held_bytes(work: Workload, plans: Sequence[BlockPlan]) -> list[int]:
+    """What each block call adds to the activations held: its kept bytes, less what it shares with the
+    call before it (:func:`shared_with_previous`) and, checkpointed, less the inputs an earlier
+    checkpointed call already keeps (the same mask or bias given to every block)."""
+    out, previous = [], None
+    kept_inputs: set[int] = set()
+    for cost, plan in zip(work.blocks, plans, strict=True):
+        shared = shared_with_previous(previous, cost, plan)
+        if plan.mode is BlockMode.CHECKPOINT and not plan.swap_input:
+            shared += sum(n for sid, n in cost.input_storages if sid in kept_inputs)
+            kept_inputs.update(sid for sid, _ in cost.input_storages)
+        out.append(plan.kept_bytes - shared)
+        previous = (cost, plan)
+    return out
+
+
 def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     """Peak activation memory and forward+backward time of ``plans`` (see the module docstring)."""
     d2h_rate = max(work.bandwidth.d2h_gbps, 1e-9) * 1e6  # bytes per ms
@@ -363,8 +410,9 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     # copied (copies finish in queue order, so those form a run of the latest swapped blocks)
     timeline: list[tuple[float, float]] = [(0.0, 0.0)]
     kept, copying = 0.0, collections.deque[int]()
+    held = held_bytes(work, plans)
     for k, when in enumerate(forward_times):
-        kept += plans[k].kept_bytes
+        kept += held[k]
         if plans[k].swapped_bytes:
             copying.append(k)
         while copying and slow_end[copying[0]] <= when:
@@ -410,12 +458,12 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     grads_above = work.other_grad_bytes + sum(c.grad_bytes for c in work.blocks)
     for k in range(len(plans)):
         cost, plan = blocks[k]
-        kept_below += plan.kept_bytes
+        kept_below += held[k]
         back = sum(plans[j].swapped_bytes for j, when in issued.items() if j <= k and when <= started[k])
         transient = max(0, cost.saved_bytes - plan.kept_bytes) if plan.mode is BlockMode.CHECKPOINT else 0
-        held = work.other_bytes + kept_below + back + transient + grads_above
-        blocks_peak = max(blocks_peak, held)
-        timeline.append((started[k], held + work.peak_offset))
+        now = work.other_bytes + kept_below + back + transient + grads_above
+        blocks_peak = max(blocks_peak, now)
+        timeline.append((started[k], now + work.peak_offset))
         grads_above -= cost.grad_bytes
     # in the forward pass, swapped bytes whose copy has not finished still occupy the GPU
     forward_peak = max((b for _, b in timeline), default=0.0)

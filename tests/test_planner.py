@@ -10,6 +10,7 @@ import pytest
 from deltaswap.swap.hostcost import HostCost
 from deltaswap.swap.planner import (
     BlockMode,
+    Workload,
     block_backward_ms,
     block_forward_ms,
     checkpoint_block,
@@ -238,3 +239,40 @@ def test_auto_stores_fewer_outputs_per_op_when_the_host_sets_the_pace() -> None:
     assert sum(bool(b.decisions) for b in plan.blocks) < len(stores)
     # and it is faster, under the host's pace, than the plan that ignored it
     assert plan.predicted_ms < simulate(slow_host, gpu_only.blocks).ms
+
+
+# -- what neighbouring blocks share ---------------------------------------------------------------------
+def chained_workload(n: int = 4) -> Workload:
+    """A chain of CNN-like blocks: each saves its 50 MB input and its 50 MB output (a ReLU at its end)
+    among 300 MB, and takes the previous block's output as its input."""
+    first = dataclasses.replace(block(), output_saved=50 * MB, input_saved=50 * MB)
+    rest = dataclasses.replace(first, chained=50 * MB)
+    return dataclasses.replace(workload(n=n), blocks=(first,) + (rest,) * (n - 1))
+
+
+def test_the_storage_between_two_blocks_is_held_once() -> None:
+    work = chained_workload(4)
+    keep = [keep_block(c) for c in work.blocks]
+    ckpt = [checkpoint_block(c, {}) for c in work.blocks]
+    # kept after kept: each boundary's 50 MB is saved by both blocks, held once
+    assert simulate(work, keep).forward_end_bytes == 100 * MB + 4 * 300 * MB - 3 * 50 * MB
+    # checkpointed blocks hold their inputs only, which no neighbour holds too
+    assert simulate(work, ckpt).forward_end_bytes == 100 * MB + 4 * 50 * MB
+    # a kept block followed by a checkpointed one: its output is the other's kept input
+    mixed = [keep[0], ckpt[1], keep[2], ckpt[3]]
+    assert simulate(work, mixed).forward_end_bytes == 100 * MB + 2 * 300 * MB + 2 * 50 * MB - 2 * 50 * MB
+    # without the chain (blocks fed from elsewhere), nothing is shared
+    unchained = dataclasses.replace(work, blocks=(work.blocks[0],) * 4)
+    assert simulate(unchained, keep).forward_end_bytes == 100 * MB + 4 * 300 * MB
+
+
+def test_an_input_every_checkpointed_block_takes_is_held_once() -> None:
+    mask = (99, 10 * MB)  # one tensor (an attention mask) given to every block
+    blocks = tuple(dataclasses.replace(block(), input_bytes=60 * MB, input_storages=((k, 50 * MB), mask))
+                   for k in range(3))
+    work = dataclasses.replace(workload(n=3), blocks=blocks)
+    ckpt = [checkpoint_block(c, {}) for c in work.blocks]
+    assert simulate(work, ckpt).forward_end_bytes == 100 * MB + 3 * 50 * MB + 10 * MB
+    # kept blocks are not known to hold it (they may not save it): no deduction, the higher estimate
+    mixed = [keep_block(work.blocks[0]), ckpt[1], ckpt[2]]
+    assert simulate(work, mixed).forward_end_bytes == 100 * MB + 300 * MB + 2 * 50 * MB + 10 * MB
