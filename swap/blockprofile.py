@@ -80,19 +80,17 @@ class BlockProfile:
         self.modules: list[nn.Module] = []
         self.plain_calls: list[int] = []
         """The calls that ran plainly (the first of each kind); every other call ran checkpointed."""
-        self.chained: list[int] = []
-        """Bytes of each call's input that are the previous call's output."""
-        self.ends: list[tuple[int, int]] = []
-        """For each call, the bytes of its own output and of its own input among what it saves plainly
-        (measured once per kind)."""
+        self.chained: list[tuple[int, int]] = []
+        """For each call, the bytes of its input storages that the previous call saves as its output
+        when it runs plainly, and how many of those bytes this call saves again plainly."""
         self.input_storages: list[tuple[tuple[int, int], ...]] = []
         """For each call, its kept positional inputs' storages as ``(id, bytes)``, ids shared between
         calls that take the same tensor."""
         self._storage_ids: dict[int, tuple[int, StorageWeakRef]] = {}
         self._next_id = 0
         self._kinds: dict[tuple[Any, ...], int] = {}
-        self._kind_ends: dict[tuple[Any, ...], tuple[int, int]] = {}
-        self._last_outputs: dict[int, int] = {}
+        self._kind_ends: dict[tuple[Any, ...], tuple[frozenset[int], frozenset[int]]] = {}
+        self._saved_outputs: dict[int, tuple[int, StorageWeakRef]] = {}
         self._structures: dict[int, tuple[Any, ...]] = {}
         self.baseline = 0
         """GPU bytes allocated when the step began."""
@@ -128,32 +126,48 @@ class BlockProfile:
                                          for v in distinct))
         self.names.append(name)
         self.modules.append(block)
-        inputs = _storages([*args, *kwargs.values()])
-        self.chained.append(sum(n for ptr, n in inputs.items() if ptr in self._last_outputs))
+        in_tensors = _tensors([*args, *kwargs.values()])
         structure = self._structures.get(id(block))
         if structure is None:
             structure = self._structures[id(block)] = block_structure(block)
         kind = block_kind(block, args, kwargs, structure)
         if kind in self._kinds:
-            self.saved.append(self._kinds[kind])
-            self.ends.append(self._kind_ends[kind])
             out = checkpoint_with_policy(block, *args, policy=recompute_all, store=store, profiler=self.ops,
                                          fn_kwargs=kwargs)
-            self._last_outputs = _storages(tree_leaves(out))
-            return out
-        watched = watched_arguments(args, kwargs)
-        saved = SavedBytes()  # what the engine would keep or swap
-        frame = _Frame(recompute_all, LocalStore(), self.ops)
-        with saved.hooks(), _RecordingMode(frame):
-            out = block(*args, **kwargs)
-        check_unchanged(watched, args, kwargs, name, block)
-        self._last_outputs = _storages(tree_leaves(out))
-        self._kinds[kind] = saved.total
-        self._kind_ends[kind] = (saved.of(self._last_outputs), saved.of(inputs))
+        else:
+            watched = watched_arguments(args, kwargs)
+            saved = SavedBytes()  # what the engine would keep or swap
+            frame = _Frame(recompute_all, LocalStore(), self.ops)
+            with saved.hooks(), _RecordingMode(frame):
+                out = block(*args, **kwargs)
+            check_unchanged(watched, args, kwargs, name, block)
+            self._kinds[kind] = saved.total
+            # which of its inputs and outputs (by position) a call of this kind saves when run plainly
+            self._kind_ends[kind] = (saved.positions(in_tensors), saved.positions(_tensors(tree_leaves(out))))
+            self.plain_calls.append(call)
         self.saved.append(self._kinds[kind])
-        self.ends.append(self._kind_ends[kind])
-        self.plain_calls.append(call)
+        self._chain(kind, in_tensors, _tensors(tree_leaves(out)))
         return out
+
+    def _chain(self, kind: tuple[Any, ...], inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """Record what this call's input shares with the previous call's saved output, and remember
+        which of its own outputs it saves (run plainly) for the next call."""
+        saved_in, saved_out = self._kind_ends[kind]
+        shared = shared_again = 0
+        seen: set[int] = set()
+        for i, v in enumerate(inputs):
+            storage = v.untyped_storage()
+            known = self._saved_outputs.get(storage.data_ptr())
+            if storage.data_ptr() in seen or known is None or known[1].expired():
+                continue  # not the previous call's (a storage since freed may have left its address)
+            seen.add(storage.data_ptr())
+            shared += known[0]
+            shared_again += known[0] if i in saved_in else 0
+        self.chained.append((shared, shared_again))
+        self._saved_outputs = {
+            outputs[i].untyped_storage().data_ptr(): (outputs[i].untyped_storage().nbytes(),
+                                                      StorageWeakRef(outputs[i].untyped_storage()))
+            for i in saved_out}
 
     def _storage_id(self, tensor: torch.Tensor) -> int:
         """The id of ``tensor``'s storage in this step: the same for every call given that storage, a
@@ -174,9 +188,9 @@ class BlockProfile:
             module = self.modules[k]
             grads = 0 if id(module) in seen else grad_bytes(module)
             seen.add(id(module))
-            output_saved, input_saved = self.ends[k]
-            result.append(BlockCost(tuple(ops), self.inputs[k], self.saved[k], grads, output_saved,
-                                    input_saved, self.chained[k], self.input_storages[k]))
+            chained, chained_saved = self.chained[k]
+            result.append(BlockCost(tuple(ops), self.inputs[k], self.saved[k], grads, chained, chained_saved,
+                                    self.input_storages[k]))
         return tuple(result)
 
 
@@ -193,9 +207,9 @@ class SavedBytes:
         """Bytes counted so far."""
         return sum(self._storages.values())
 
-    def of(self, storages: dict[int, int]) -> int:
-        """Bytes counted so far that belong to ``storages`` (by address, as :func:`_storages` gives)."""
-        return sum(n for ptr, n in self._storages.items() if ptr in storages)
+    def positions(self, tensors: list[torch.Tensor]) -> frozenset[int]:
+        """The positions in ``tensors`` of those whose storage was counted."""
+        return frozenset(i for i, v in enumerate(tensors) if v.untyped_storage().data_ptr() in self._storages)
 
     def hooks(self) -> saved_tensors_hooks:
         """The saved-tensor hooks that count (and change nothing)."""
@@ -216,7 +230,6 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _storages(values: Any) -> dict[int, int]:
-    """The storages of the tensors among ``values`` (not nested), by address, with their bytes."""
-    return {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
-            for v in values if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes()}
+def _tensors(values: Any) -> list[torch.Tensor]:
+    """The tensors among ``values`` (not nested), in order."""
+    return [v for v in values if isinstance(v, torch.Tensor)]

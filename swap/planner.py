@@ -72,14 +72,12 @@ class BlockCost:
     """Bytes autograd saves when the block runs plainly."""
     grad_bytes: int = 0
     """Bytes of the gradients of its parameters, allocated during its backward."""
-    output_saved: int = 0
-    """Bytes of its own output among what it saves when run plainly (a CNN block ending in a ReLU saves
-    its output): the next block's input, which the two must not both count."""
-    input_saved: int = 0
-    """Bytes of its own input among what it saves when run plainly (its first convolution or linear
-    layer saves it)."""
     chained: int = 0
-    """Bytes of its input that are the previous block call's output (a chain of blocks)."""
+    """Bytes of its input that the previous block call saves as its own output when it runs plainly (a
+    CNN block ending in a ReLU saves its output, the next block's input): held once, not by both."""
+    chained_saved: int = 0
+    """Of :attr:`chained`, the bytes this call saves again when it runs plainly (its first convolution
+    or linear layer saves its input)."""
     input_storages: tuple[tuple[int, int], ...] = ()
     """Its input tensors' storages, as ``(id, bytes)`` with ids numbered over the step's calls: calls
     that take the same tensor (an attention mask, a position bias, the encoder's output) share an id,
@@ -350,16 +348,12 @@ def shared_with_previous(previous: tuple[BlockCost, BlockPlan] | None, cost: Blo
     (``previous``) counts too: the storage between them, the earlier block's output, which a kept
     earlier block holds (when it saves its output) and the later one holds again as its kept input
     (checkpointed) or saves again (kept, when it saves its input). Counted once."""
-    if previous is None or not cost.chained:
-        return 0
-    prev_cost, prev_plan = previous
-    if prev_plan.mode is not BlockMode.KEEP:
+    if previous is None or not cost.chained or previous[1].mode is not BlockMode.KEEP:
         return 0  # a checkpointed earlier block holds its own input only; a swapped one moves its bytes
-    held_before = min(prev_cost.output_saved, cost.chained)
     if plan.mode is BlockMode.CHECKPOINT and not plan.swap_input:
-        return held_before
+        return cost.chained
     if plan.mode is BlockMode.KEEP:
-        return min(held_before, cost.input_saved)
+        return cost.chained_saved
     return 0
 
 

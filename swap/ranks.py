@@ -180,7 +180,7 @@ def _flatten(work: Workload) -> list[float]:
     for b in work.blocks:
         values += [float(b.input_bytes), float(b.saved_bytes), float(b.grad_bytes)]
         # what a block shares with its neighbour, negated: the ranks agree on the least (the higher peak)
-        values += [-float(b.output_saved), -float(b.input_saved), -float(b.chained)]
+        values += [-float(b.chained), -float(b.chained_saved)]
         for op in b.ops:
             values += [op.ms, float(op.out_bytes)]
     values += [float(getattr(work, name)) for name in _WORK_FIELDS]
@@ -196,10 +196,10 @@ def _unflatten(work: Workload, values: list[float]) -> Workload:
     blocks = []
     for b in work.blocks:
         input_bytes, saved_bytes, grad_bytes = (int(next(it)) for _ in range(3))
-        output_saved, input_saved, chained = (-int(next(it)) for _ in range(3))
+        chained, chained_saved = (-int(next(it)) for _ in range(2))
         ops = tuple(replace(op, ms=next(it), out_bytes=int(next(it))) for op in b.ops)
-        blocks.append(BlockCost(ops, input_bytes, saved_bytes, grad_bytes, output_saved, input_saved,
-                                chained, b.input_storages))  # which calls share a tensor: the same model
+        blocks.append(BlockCost(ops, input_bytes, saved_bytes, grad_bytes, chained, chained_saved,
+                                b.input_storages))  # which calls share a tensor: the same model
     fields: dict[str, Any] = {}
     for name in _WORK_FIELDS:
         value = next(it)

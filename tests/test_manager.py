@@ -425,15 +425,47 @@ class MaskedStack(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("shape", ["relu-ended", "shared-mask"])
+class TwoOut(nn.Module):
+    """A block that returns two tensors and saves only the first (a ReLU's output); the model passes the
+    second on: what the next block takes is not what this one holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+        self.other = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.relu(self.lin(x)), self.other(x)
+
+
+class TwoOutStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(64, 64)
+        self.blocks = nn.ModuleList(TwoOut() for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, total = self.stem(x), 0
+        for b in self.blocks:
+            held, x = b(x)
+            total = total + held.sum()
+        return x * total
+
+
+def shaped_model(shape: str) -> nn.Module:
+    if shape == "relu-ended":
+        return nn.Sequential(nn.Linear(64, 64), nn.Sequential(*[ReluEnded() for _ in range(5)]), nn.Tanh())
+    return MaskedStack() if shape == "shared-mask" else TwoOutStack()
+
+
+@pytest.mark.parametrize("shape", ["relu-ended", "shared-mask", "two-outputs"])
 @pytest.mark.parametrize("policy", ["keep", "recompute"])
 def test_the_predicted_activations_are_the_saved_bytes_measured(policy: str, shape: str) -> None:
     from deltaswap.swap.blockprofile import SavedBytes
     from deltaswap.swap.planner import simulate
 
     torch.manual_seed(0)
-    model: nn.Module = (nn.Sequential(nn.Linear(64, 64), nn.Sequential(*[ReluEnded() for _ in range(5)]),
-                                      nn.Tanh()) if shape == "relu-ended" else MaskedStack())
+    model = shaped_model(shape)
     mgr = ActivationManager(SwapConfig(policy=policy, min_bytes=0))  # a CPU: no engine, no swapping
     mgr.wrap(model)
     x = torch.randn(32, 64, requires_grad=True)

@@ -245,8 +245,8 @@ def test_auto_stores_fewer_outputs_per_op_when_the_host_sets_the_pace() -> None:
 def chained_workload(n: int = 4) -> Workload:
     """A chain of CNN-like blocks: each saves its 50 MB input and its 50 MB output (a ReLU at its end)
     among 300 MB, and takes the previous block's output as its input."""
-    first = dataclasses.replace(block(), output_saved=50 * MB, input_saved=50 * MB)
-    rest = dataclasses.replace(first, chained=50 * MB)
+    first = block()
+    rest = dataclasses.replace(first, chained=50 * MB, chained_saved=50 * MB)
     return dataclasses.replace(workload(n=n), blocks=(first,) + (rest,) * (n - 1))
 
 

@@ -116,8 +116,8 @@ def test_ranks_that_profiled_different_ops_are_refused(tmp_path: Path) -> None:
 
 def test_flatten_and_unflatten_round_trip_every_field() -> None:
     ops = (OpRecord(0, "aten.mm.default", 3 * MB, 1.5, True), OpRecord(1, "aten.view.default", 0, 0.0, False))
-    w = Workload(blocks=(BlockCost(ops, 5 * MB, 7 * MB, 11 * MB, 2 * MB, 3 * MB, 0),
-                         BlockCost(ops, 13 * MB, 17 * MB, 19 * MB, 59 * MB, 61 * MB, 67 * MB)),
+    w = Workload(blocks=(BlockCost(ops, 5 * MB, 7 * MB, 11 * MB, 0, 0, ((0, 5 * MB),)),
+                         BlockCost(ops, 13 * MB, 17 * MB, 19 * MB, 59 * MB, 61 * MB, ((1, 13 * MB),))),
                  other_bytes=23 * MB, other_ms=4.5, bandwidth=Bandwidth(29.0, 31.0, 37.0, 0.041),
                  lookahead=41 * MB, backward_ratio=2.3, peak_offset=-43 * MB, other_grad_bytes=47 * MB,
                  head_transient=53 * MB, other_backward_ms=5.9,
