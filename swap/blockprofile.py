@@ -13,6 +13,8 @@ everything recomputed (the least memory). Every call's ops are timed and their o
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -72,7 +74,9 @@ class BlockProfile:
     def __init__(self, device: str) -> None:
         self.ops = OpProfiler(device)
         self.inputs: list[int] = []
-        """Bytes of each call's positional tensor arguments."""
+        """Bytes of the storages of each call's tensor arguments (each once, whole)."""
+        self.input_tensors: list[int] = []
+        """Bytes of each call's tensor arguments, tensor by tensor (as the engine counts what it keeps)."""
         self.saved: list[int] = []
         """Bytes autograd saves for each call when it runs plainly (measured once per kind)."""
         self.names: list[str] = []
@@ -89,7 +93,7 @@ class BlockProfile:
         self._storage_ids: dict[int, tuple[int, StorageWeakRef]] = {}
         self._next_id = 0
         self._kinds: dict[tuple[Any, ...], int] = {}
-        self._kind_ends: dict[tuple[Any, ...], tuple[frozenset[int], frozenset[int]]] = {}
+        self._kind_ends: dict[tuple[Any, ...], tuple[dict[int, int], dict[int, int]]] = {}
         self._saved_outputs: dict[int, tuple[int, StorageWeakRef]] = {}
         self._structures: dict[int, tuple[Any, ...]] = {}
         self.baseline = 0
@@ -118,15 +122,16 @@ class BlockProfile:
             ValueError: if the block changed a non-tensor argument in place (see
                 :func:`~deltaswap.swap.arguments.check_unchanged`).
         """
-        # what a checkpointed call keeps of its input (a leaf that requires grad is the user's to hold)
-        kept_args = [v for v in args if isinstance(v, torch.Tensor) and not held_elsewhere(v)]
-        self.inputs.append(sum(v.numel() * v.element_size() for v in kept_args))
-        distinct = {v.untyped_storage().data_ptr(): v for v in kept_args}.values()
+        # what a checkpointed call keeps of its input, positional and keyword (torch's checkpoint saves
+        # both), each storage whole and once (a leaf that requires grad is the user's to hold)
+        in_tensors = [v for v in _tensors([*args, *kwargs.values()]) if not held_elsewhere(v)]
+        distinct = {v.untyped_storage().data_ptr(): v for v in in_tensors}.values()
         self.input_storages.append(tuple((self._storage_id(v), v.untyped_storage().nbytes())
                                          for v in distinct))
+        self.inputs.append(sum(n for _, n in self.input_storages[-1]))
+        self.input_tensors.append(sum(v.numel() * v.element_size() for v in in_tensors))
         self.names.append(name)
         self.modules.append(block)
-        in_tensors = _tensors([*args, *kwargs.values()])
         structure = self._structures.get(id(block))
         if structure is None:
             structure = self._structures[id(block)] = block_structure(block)
@@ -162,12 +167,14 @@ class BlockProfile:
                 continue  # not the previous call's (a storage since freed may have left its address)
             seen.add(storage.data_ptr())
             shared += known[0]
-            shared_again += known[0] if i in saved_in else 0
+            # what this call's kind counted for that input when it ran plainly (its storage may have
+            # been another size then): no more than that comes off its saved bytes
+            shared_again += min(known[0], saved_in.get(i, 0))
         self.chained.append((shared, shared_again))
         self._saved_outputs = {
-            outputs[i].untyped_storage().data_ptr(): (outputs[i].untyped_storage().nbytes(),
+            outputs[i].untyped_storage().data_ptr(): (min(n, outputs[i].untyped_storage().nbytes()),
                                                       StorageWeakRef(outputs[i].untyped_storage()))
-            for i in saved_out}
+            for i, n in saved_out.items() if i < len(outputs)}
 
     def _storage_id(self, tensor: torch.Tensor) -> int:
         """The id of ``tensor``'s storage in this step: the same for every call given that storage, a
@@ -201,15 +208,33 @@ class SavedBytes:
 
     def __init__(self) -> None:
         self._storages: dict[int, int] = {}
+        self._outside: dict[int, int] = {}
+        self._depth = 0
 
     @property
     def total(self) -> int:
         """Bytes counted so far."""
         return sum(self._storages.values())
 
-    def positions(self, tensors: list[torch.Tensor]) -> frozenset[int]:
-        """The positions in ``tensors`` of those whose storage was counted."""
-        return frozenset(i for i, v in enumerate(tensors) if v.untyped_storage().data_ptr() in self._storages)
+    @property
+    def outside(self) -> int:
+        """Bytes of the storages saved outside :meth:`in_block` regions (what lies outside the blocks;
+        a storage also saved inside a block, as a checkpointed block's input, is among them)."""
+        return sum(self._outside.values())
+
+    @contextlib.contextmanager
+    def in_block(self) -> Iterator[None]:
+        """Count what is saved inside as saved by a block."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+    def positions(self, tensors: list[torch.Tensor]) -> dict[int, int]:
+        """The positions in ``tensors`` of those whose storage was counted, with the bytes counted."""
+        return {i: self._storages[v.untyped_storage().data_ptr()] for i, v in enumerate(tensors)
+                if v.untyped_storage().data_ptr() in self._storages}
 
     def hooks(self) -> saved_tensors_hooks:
         """The saved-tensor hooks that count (and change nothing)."""
@@ -217,7 +242,10 @@ class SavedBytes:
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if not held_elsewhere(t):
-            self._storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            storage = t.untyped_storage()
+            self._storages[storage.data_ptr()] = storage.nbytes()
+            if not self._depth:
+                self._outside[storage.data_ptr()] = storage.nbytes()
         return t
 
 

@@ -42,7 +42,6 @@ from .discovery import describe_blocks, find_blocks
 from .hostcost import NO_HOST_COST, HostCost, measure_host_cost
 from .offloader import ActivationOffloader
 from .planner import (
-    BlockCost,
     BlockMode,
     BlockPlan,
     Plan,
@@ -164,6 +163,7 @@ class ActivationManager:
         self._warned_diverged = False
         self._engine_on = False
         self._engine_ran = False
+        self._counted: SavedBytes | None = None
         self._expected: dict[tuple[Any, ...], tuple[tuple[str, ...], ...]] = {}
         self._call = 0
         self._key: tuple[Any, ...] = ()
@@ -350,6 +350,7 @@ class ActivationManager:
                 # no engine to count what is saved outside the blocks: count it for a profiling step
                 counted = SavedBytes()
                 engine.enter_context(counted.hooks())
+            self._counted = counted
             if not _moves_nothing(self._plan):
                 self._enter_engine()  # else at the first block, if this step's plan is another one
             start = self._mark()
@@ -361,15 +362,16 @@ class ActivationManager:
                 raise torch.OutOfMemoryError(self._out_of_memory(err)) from err
             finally:
                 self._in_step = False
-                self._engine, self._engine_ran = None, self._engine_on
+                self._engine, self._engine_ran, self._counted = None, self._engine_on, None
                 self._step_marks = (start, self._mark())
         # a step that grew the pinned pool (pinned allocations synchronize) does not represent the others
         self._step_clean = self._offloader.pinned_bytes_reserved == pool_before
         if self._profile is not None:
             if self._on_cuda():
                 self._profile.forward_end = torch.cuda.memory_allocated() - self._profile.baseline
-            # counted: each storage once; the engine: each kept tensor (in a profiling step nothing swaps)
-            saved = counted.total if counted is not None else self._offloader.saved_bytes
+            # counted: what was saved outside the block calls, each storage once; the engine: each kept
+            # tensor, the checkpointed calls' inputs among them (in a profiling step nothing swaps)
+            saved = counted.outside if counted is not None else self._offloader.saved_bytes
             self._pending = (self._key, self._profile, *self._step_marks, saved, counted is not None)
 
     def _device_is_cpu(self) -> bool:
@@ -580,7 +582,8 @@ class ActivationManager:
             first = _first_grad_tensor(args)
             if first is not None:  # its gradient arrives at the end of the blocks' backward
                 first.register_hook(partial(self._blocks_done, profile))
-        with self._offloader.swapping(False):
+        inside = self._counted.in_block() if self._counted is not None else contextlib.nullcontext()
+        with self._offloader.swapping(False), inside:
             out = profile.run(call, block, self._name_of.get(id(block), type(block).__name__),
                               self._offloader.store, *args, **kwargs)
         last = _first_grad_tensor(tree_leaves(out))
@@ -602,14 +605,15 @@ class ActivationManager:
     def _finish_profiling(self) -> None:
         if self._pending is None:
             return
-        key, profile, start, end, saved_total, per_storage = self._pending
+        key, profile, start, end, saved_total, counted_outside = self._pending
         self._pending = None
         blocks = profile.costs()
         plain = set(profile.plain_calls)
         block_ms = sum(b.forward_ms for b in blocks)
         other_ms = max(0.0, self._elapsed(start, end) - block_ms)
         # the engine saw the checkpointed calls' inputs and what lies outside the blocks
-        other_bytes = max(0, saved_total - _checkpointed_inputs(blocks, plain, per_storage))
+        other_bytes = saved_total if counted_outside else max(0, saved_total - sum(
+            n for k, n in enumerate(profile.input_tensors) if k not in plain))
         work = Workload(
             blocks=blocks,
             other_bytes=other_bytes,
@@ -828,15 +832,6 @@ def _block_runner(manager: ActivationManager) -> Callable[..., Any]:
         return block(*args, **kwargs) if mgr is None else mgr._run_block(block, *args, **kwargs)
 
     return run
-
-
-def _checkpointed_inputs(blocks: Sequence[BlockCost], plain: set[int], per_storage: bool) -> int:
-    """Bytes of the inputs the profiling step's checkpointed calls saved through the outer hooks:
-    counted per storage (a mask every call takes, once) or per tensor, as the step's total was."""
-    calls = [b for k, b in enumerate(blocks) if k not in plain]
-    if not per_storage:
-        return sum(b.input_bytes for b in calls)
-    return sum(dict(s for b in calls for s in b.input_storages).values())
 
 
 def _first_grad_tensor(values: Sequence[Any]) -> torch.Tensor | None:

@@ -67,7 +67,8 @@ class BlockCost:
     ops: tuple[OpRecord, ...]
     """Its ops in order (time, output bytes, whether storable)."""
     input_bytes: int
-    """Bytes of its input: what a checkpointed block keeps (or swaps) at the least."""
+    """Bytes of its input (the storages of its tensor arguments, positional and keyword, each once):
+    what a checkpointed block keeps (or swaps) at the least."""
     saved_bytes: int
     """Bytes autograd saves when the block runs plainly."""
     grad_bytes: int = 0
@@ -368,7 +369,7 @@ def held_bytes(work: Workload, plans: Sequence[BlockPlan]) -> list[int]:
         if plan.mode is BlockMode.CHECKPOINT and not plan.swap_input:
             shared += sum(n for sid, n in cost.input_storages if sid in kept_inputs)
             kept_inputs.update(sid for sid, _ in cost.input_storages)
-        out.append(plan.kept_bytes - shared)
+        out.append(max(0, plan.kept_bytes - shared))
         previous = (cost, plan)
     return out
 
