@@ -36,20 +36,23 @@ def share_note(available: Callable[[], int]) -> str:
 
 
 def available_host_bytes() -> int:
-    """Host RAM available to a new pinned allocation: what psutil reports as available, plus the pinned
-    memory that torch's caching host allocator holds idle (:func:`reusable_pinned_bytes`), which psutil
-    counts as used but a new pinned allocation of the same size takes back without pinning more."""
-    stats = torch.cuda.host_memory_stats() if torch.cuda.is_initialized() else {}
-    return int(psutil.virtual_memory().available) + reusable_pinned_bytes(stats)
+    """Host RAM available to new allocations, as psutil reports it."""
+    return int(psutil.virtual_memory().available)
 
 
 def reusable_pinned_bytes(stats: Mapping[str, Any]) -> int:
     """The pinned bytes torch's caching host allocator holds but has not handed out, from its
     statistics (``torch.cuda.host_memory_stats()``): blocks cached after their tensors were freed (an
-    earlier offloader's pool, say), which it hands to the next pinned allocation of their size."""
+    earlier offloader's pool, say). psutil counts them as used; torch hands a cached block to the next
+    pinned allocation of its (power-of-two) size, without pinning more."""
     held = int(stats.get("allocated_bytes.current", 0))
     active = int(stats.get("active_bytes.current", 0))
     return max(0, held - active)
+
+
+def idle_pinned_bytes() -> int:
+    """:func:`reusable_pinned_bytes` of torch's caching host allocator now (0 before CUDA starts)."""
+    return reusable_pinned_bytes(torch.cuda.host_memory_stats() if torch.cuda.is_initialized() else {})
 
 
 @dataclass
@@ -96,6 +99,9 @@ class PinnedPool:
         fixed_bytes: allocate this much up front and never grow (``allocate`` then returns ``None`` when
             full); ``None`` grows on demand.
         available: returns the host RAM available now (default: psutil).
+        reusable: returns the pinned bytes torch's caching host allocator holds idle
+            (:func:`idle_pinned_bytes`); at each growth up to one chunk of them, and no more than
+            ``reserve_bytes``, counts as available.
 
     Raises:
         HostMemoryError: when a growth (or the up-front reservation) would not leave ``reserve_bytes``
@@ -109,10 +115,12 @@ class PinnedPool:
         reserve_bytes: int = 2 << 30,
         fixed_bytes: int | None = None,
         available: Callable[[], int] = available_host_bytes,
+        reusable: Callable[[], int] = idle_pinned_bytes,
     ) -> None:
         self._backend = backend
         self._reserve = reserve_bytes
         self._available = available
+        self._reusable = reusable
         self._chunks: list[_Chunk] = []
         self._lock = threading.Lock()
         self._returned: deque[PinnedBlock] = deque()
@@ -135,7 +143,12 @@ class PinnedPool:
 
     # -- growth ------------------------------------------------------------------------------------
     def _check_host_ram(self, nbytes: int) -> None:
-        available = self._available()
+        # An idle cached pinned block of this chunk's size would be taken back without pinning more (the
+        # pool grows in power-of-two chunks, as a pool created anew each step grew the step before), so
+        # idle cached bytes count, up to one chunk and up to ``reserve_bytes``: which sizes are cached
+        # torch does not say, and if none fits the chunk pins new memory, which then still fits in what
+        # psutil reports free (eating into the reserve, never past it).
+        available = self._available() + self._reusable_for(nbytes)
         if nbytes > available - self._reserve:
             raise HostMemoryError(
                 f"deltaswap needs {format_bytes(nbytes)} more pinned host memory (pool so far: "
@@ -146,6 +159,9 @@ class PinnedPool:
                 f"fits, or free host memory."
             )
 
+    def _reusable_for(self, nbytes: int) -> int:
+        return min(nbytes, self._reserve, self._reusable())
+
     def _add_chunk(self, size: int) -> None:
         buffer = self._backend.alloc_host(size)
         self._chunks.append(_Chunk(buffer, [_Free(0, size, None, -1)]))
@@ -153,7 +169,7 @@ class PinnedPool:
 
     def _grow(self, need: int) -> None:
         size = _pow2_ceil(max(need, _MIN_CHUNK, min(self.capacity, _MAX_CHUNK)))
-        if size > need and size > self._available() - self._reserve:
+        if size > need and size > self._available() + self._reusable_for(size) - self._reserve:
             size = _pow2_ceil(need)  # a smaller chunk may still fit
         self._check_host_ram(size)
         self._add_chunk(size)
