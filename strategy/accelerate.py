@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any
 
 import torch
@@ -65,19 +68,32 @@ class DeltaSwapPlugin(SwapConfig, ManagerViews):
         manager = ActivationManager(SwapConfig(**{f.name: getattr(self, f.name) for f in fields(SwapConfig)}))
         manager.wrap(model)
         self._manager = manager
-        inner = model.forward
+        # The new forward lives on the model: it reaches the model and this plugin weakly, so that
+        # neither the model nor the plugin (and the manager's pinned memory) is held in a cycle. The
+        # forward it wraps is kept as a function (another wrapper's, if one came first) and its model.
+        previous = model.forward
+        function = getattr(previous, "__func__", None)
+        owner = weakref.ref(model)
+        plugin = weakref.ref(self)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if self._closed or self._stepping or not (model.training and torch.is_grad_enabled()):
-                return inner(*args, **kwargs)  # evaluation, no_grad, or a call inside the step
-            self._stepping = True
+            module, self_ = owner(), plugin()
+            assert module is not None  # the model runs this: it is alive
+            call = partial(function, module) if function is not None else previous
+            if (self_ is None or self_._closed or self_._stepping or self_._manager is None
+                    or not (module.training and torch.is_grad_enabled())):
+                return call(*args, **kwargs)  # evaluation, no_grad, a call inside the step, no plugin
+            self_._stepping = True
             try:
-                with manager.step():  # closed on any exception, KeyboardInterrupt included
-                    return inner(*args, **kwargs)
+                with self_._manager.step():  # closed on any exception, KeyboardInterrupt included
+                    return call(*args, **kwargs)
             finally:
-                self._stepping = False
+                self_._stepping = False
 
-        forward.__wrapped__ = inner  # type: ignore[attr-defined]
+        # the model's signature, for whoever inspects it (``__wrapped__`` would hold the model strongly)
+        forward.__signature__ = inspect.signature(previous)  # type: ignore[attr-defined]
+        if function is not None:
+            del previous  # kept as its function: the bound method would hold the model
         model.forward = forward  # type: ignore[method-assign]
         return model
 

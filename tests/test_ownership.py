@@ -158,3 +158,18 @@ def test_two_managers_in_one_process_train_exactly_and_go_when_dropped() -> None
     refs = [weakref.ref(x) for x in (*models, *managers)]
     del models, managers, model, mgr
     assert [r() for r in refs] == [None] * 4
+
+
+def test_a_model_prepared_by_the_accelerate_plugin_and_dropped_is_freed_at_once() -> None:
+    from deltaswap.strategy import DeltaSwapPlugin
+
+    plugin = DeltaSwapPlugin(policy="recompute", min_bytes=0)
+    model = plugin.prepare(GPT(CFG))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(2):
+            x, y = random_batch(CFG, 2, "cpu", torch.Generator().manual_seed(i))
+            model(x, y).backward()
+    refs = [weakref.ref(model), weakref.ref(plugin), weakref.ref(plugin._manager)]
+    del model, plugin  # never closed
+    assert [r() for r in refs] == [None] * 3
