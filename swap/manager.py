@@ -213,6 +213,7 @@ class ActivationManager:
                 "torch.compile does not trace): wrap the uncompiled model and do not compile it, or "
                 "compile without deltaswap"
             )
+        _remove_orphaned_wrappers(model)
         names = {id(m): name for name, m in model.named_modules()}
         blocks = list(blocks) if blocks is not None else find_blocks(model, self.config.block_types)
         _check_given_blocks(blocks, names)
@@ -831,7 +832,19 @@ def _block_runner(manager: ActivationManager) -> Callable[..., Any]:
         mgr = ref()
         return block(*args, **kwargs) if mgr is None else mgr._run_block(block, *args, **kwargs)
 
+    run.manager = ref  # type: ignore[attr-defined]
     return run
+
+
+def _remove_orphaned_wrappers(model: nn.Module) -> None:
+    """Take out the block wrappers of managers that are gone (dropped without ``unwrap()``), so that
+    a new manager can wrap the model; the wrappers of a live manager stay (``wrap`` refuses them)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            runner = getattr(getattr(child, "checkpoint_fn", None), "func", None)
+            ref = getattr(runner, "manager", None)
+            if isinstance(child, CheckpointWrapper) and isinstance(ref, weakref.ref) and ref() is None:
+                setattr(parent, child_name, child._checkpoint_wrapped_module)
 
 
 def _first_grad_tensor(values: Sequence[Any]) -> torch.Tensor | None:

@@ -173,3 +173,23 @@ def test_a_model_prepared_by_the_accelerate_plugin_and_dropped_is_freed_at_once(
     refs = [weakref.ref(model), weakref.ref(plugin), weakref.ref(plugin._manager)]
     del model, plugin  # never closed
     assert [r() for r in refs] == [None] * 3
+
+
+def test_a_new_manager_wraps_a_model_whose_manager_is_gone() -> None:
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    plain = train(model, None)
+    first = manager("recompute")
+    first.wrap(model)
+    del first  # never unwrapped: its wrappers stay in the model
+    second = manager("recompute")
+    second.wrap(model)  # takes them out and wraps again
+    live = manager("keep")
+    with pytest.raises(ValueError, match="already wrapped"):
+        live.wrap(model)  # a live manager's wrappers are refused, as before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = train(model, second)
+    assert len(second.blocks) == CFG.n_layer
+    for expected, actual in zip(plain, ours, strict=True):
+        assert_bitwise_equal(expected, actual)
