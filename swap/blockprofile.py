@@ -90,6 +90,9 @@ class BlockProfile:
         self.input_storages: list[tuple[tuple[int, int], ...]] = []
         """For each call, its kept positional inputs' storages as ``(id, bytes)``, ids shared between
         calls that take the same tensor."""
+        self.saved_inputs: list[tuple[tuple[int, int], ...]] = []
+        """For each call, the storages of the inputs it saves when it runs plainly, as ``(id, bytes)``
+        with :attr:`input_storages`' ids."""
         self._storage_ids: dict[int, tuple[int, StorageWeakRef]] = {}
         self._next_id = 0
         self._kinds: dict[tuple[Any, ...], int] = {}
@@ -171,6 +174,14 @@ class BlockProfile:
             # been another size then): no more than that comes off its saved bytes
             shared_again += min(known[0], saved_in.get(i, 0))
         self.chained.append((shared, shared_again))
+        # the inputs it saves when kept, by storage id, at no more than its kind counted for each
+        ids = {v.untyped_storage().data_ptr(): self._storage_id(v) for v in inputs}
+        saved_ids: dict[int, int] = {}
+        for i, n in saved_in.items():
+            if i < len(inputs):
+                sid = ids[inputs[i].untyped_storage().data_ptr()]
+                saved_ids[sid] = max(saved_ids.get(sid, 0), min(n, inputs[i].untyped_storage().nbytes()))
+        self.saved_inputs.append(tuple(saved_ids.items()))
         self._saved_outputs = {
             outputs[i].untyped_storage().data_ptr(): (min(n, outputs[i].untyped_storage().nbytes()),
                                                       StorageWeakRef(outputs[i].untyped_storage()))
@@ -197,7 +208,7 @@ class BlockProfile:
             seen.add(id(module))
             chained, chained_saved = self.chained[k]
             result.append(BlockCost(tuple(ops), self.inputs[k], self.saved[k], grads, chained, chained_saved,
-                                    self.input_storages[k]))
+                                    self.input_storages[k], self.saved_inputs[k]))
         return tuple(result)
 
 

@@ -82,7 +82,10 @@ class BlockCost:
     input_storages: tuple[tuple[int, int], ...] = ()
     """Its input tensors' storages, as ``(id, bytes)`` with ids numbered over the step's calls: calls
     that take the same tensor (an attention mask, a position bias, the encoder's output) share an id,
-    and checkpointed calls that keep it hold it once."""
+    and the calls that keep or save it hold it once."""
+    saved_inputs: tuple[tuple[int, int], ...] = ()
+    """The storages of the inputs it saves when it runs plainly, as ``(id, bytes counted)`` with
+    :attr:`input_storages`' ids."""
 
     @functools.cached_property
     def forward_ms(self) -> float:
@@ -360,15 +363,18 @@ def shared_with_previous(previous: tuple[BlockCost, BlockPlan] | None, cost: Blo
 
 def held_bytes(work: Workload, plans: Sequence[BlockPlan]) -> list[int]:
     """What each block call adds to the activations held: its kept bytes, less what it shares with the
-    call before it (:func:`shared_with_previous`) and, checkpointed, less the inputs an earlier
-    checkpointed call already keeps (the same mask or bias given to every block)."""
+    call before it (:func:`shared_with_previous`) and less the inputs an earlier call already keeps
+    or saves (the same mask or bias given to every block)."""
     out, previous = [], None
-    kept_inputs: set[int] = set()
+    held: set[int] = set()  # input storages some earlier call keeps (checkpointed) or saves (kept)
     for cost, plan in zip(work.blocks, plans, strict=True):
         shared = shared_with_previous(previous, cost, plan)
         if plan.mode is BlockMode.CHECKPOINT and not plan.swap_input:
-            shared += sum(n for sid, n in cost.input_storages if sid in kept_inputs)
-            kept_inputs.update(sid for sid, _ in cost.input_storages)
+            shared += sum(n for sid, n in cost.input_storages if sid in held)
+            held.update(sid for sid, _ in cost.input_storages)
+        elif plan.mode is BlockMode.KEEP:
+            shared += sum(n for sid, n in cost.saved_inputs if sid in held)
+            held.update(sid for sid, _ in cost.saved_inputs)
         out.append(max(0, plan.kept_bytes - shared))
         previous = (cost, plan)
     return out

@@ -199,7 +199,7 @@ def _unflatten(work: Workload, values: list[float]) -> Workload:
         chained, chained_saved = (-int(next(it)) for _ in range(2))
         ops = tuple(replace(op, ms=next(it), out_bytes=int(next(it))) for op in b.ops)
         blocks.append(BlockCost(ops, input_bytes, saved_bytes, grad_bytes, chained, chained_saved,
-                                b.input_storages))  # which calls share a tensor: the same model
+                                b.input_storages, b.saved_inputs))  # which calls share a tensor
     fields: dict[str, Any] = {}
     for name in _WORK_FIELDS:
         value = next(it)

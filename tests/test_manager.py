@@ -509,9 +509,9 @@ SHAPES = {
     "sliced-mask": SlicedMask,
     "keyword-input": Keyworded,
 }
-ALWAYS_EXACT = {"relu-ended", "two-outputs"}
-"""The shapes whose predictions are exact under every plan; the others may count a storage twice (a
-mask that kept blocks save, each; a view of a block's saved tensor that the loss saves again), never
+ALWAYS_EXACT = {"relu-ended", "two-outputs", "shared-mask", "sliced-mask"}
+"""The shapes whose predictions are exact under every plan. In the others the loss saves the last
+block's output, which that block saves too (kept): counted outside the blocks and inside, twice, never
 less than once."""
 
 

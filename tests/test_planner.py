@@ -273,6 +273,11 @@ def test_an_input_every_checkpointed_block_takes_is_held_once() -> None:
     work = dataclasses.replace(workload(n=3), blocks=blocks)
     ckpt = [checkpoint_block(c, {}) for c in work.blocks]
     assert simulate(work, ckpt).forward_end_bytes == 100 * MB + 3 * 50 * MB + 10 * MB
-    # kept blocks are not known to hold it (they may not save it): no deduction, the higher estimate
+    # a kept block that does not save the mask holds none of it: the first checkpointed one keeps it
     mixed = [keep_block(work.blocks[0]), ckpt[1], ckpt[2]]
     assert simulate(work, mixed).forward_end_bytes == 100 * MB + 300 * MB + 2 * 50 * MB + 10 * MB
+    # one that saves it (among its 300 MB) holds it for the checkpointed ones after it
+    saver = dataclasses.replace(work.blocks[0], saved_inputs=(mask,))
+    work = dataclasses.replace(work, blocks=(saver, *work.blocks[1:]))
+    assert simulate(work, [keep_block(saver), ckpt[1], ckpt[2]]).forward_end_bytes == (
+        100 * MB + 300 * MB + 2 * 50 * MB)
