@@ -96,7 +96,7 @@ class BlockProfile:
         self._storage_ids: dict[int, tuple[int, StorageWeakRef]] = {}
         self._next_id = 0
         self._kinds: dict[tuple[Any, ...], int] = {}
-        self._kind_ends: dict[tuple[Any, ...], tuple[dict[int, int], dict[int, int]]] = {}
+        self._kind_ends: dict[tuple[Any, ...], tuple[dict[int, int], dict[int, int], dict[int, int]]] = {}
         self._saved_outputs: dict[int, tuple[int, StorageWeakRef]] = {}
         self._structures: dict[int, tuple[Any, ...]] = {}
         self.baseline = 0
@@ -128,6 +128,8 @@ class BlockProfile:
         # what a checkpointed call keeps of its input, positional and keyword (torch's checkpoint saves
         # both), each storage whole and once (a leaf that requires grad is the user's to hold)
         in_tensors = [v for v in _tensors([*args, *kwargs.values()]) if not held_elsewhere(v)]
+        # and every tensor it is given, in tuples too (a rotary embedding's cos and sin), that it may save
+        nested = [v for v in _tensors(tree_leaves([*args, *kwargs.values()])) if not held_elsewhere(v)]
         distinct = {v.untyped_storage().data_ptr(): v for v in in_tensors}.values()
         self.input_storages.append(tuple((self._storage_id(v), v.untyped_storage().nbytes())
                                          for v in distinct))
@@ -151,16 +153,19 @@ class BlockProfile:
             check_unchanged(watched, args, kwargs, name, block)
             self._kinds[kind] = saved.total
             # which of its inputs and outputs (by position) a call of this kind saves when run plainly
-            self._kind_ends[kind] = (saved.positions(in_tensors), saved.positions(_tensors(tree_leaves(out))))
+            self._kind_ends[kind] = (saved.positions(in_tensors), saved.positions(_tensors(tree_leaves(out))),
+                                     saved.positions(nested))
             self.plain_calls.append(call)
         self.saved.append(self._kinds[kind])
-        self._chain(kind, in_tensors, _tensors(tree_leaves(out)))
+        self._chain(kind, in_tensors, _tensors(tree_leaves(out)), nested)
         return out
 
-    def _chain(self, kind: tuple[Any, ...], inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
-        """Record what this call's input shares with the previous call's saved output, and remember
-        which of its own outputs it saves (run plainly) for the next call."""
-        saved_in, saved_out = self._kind_ends[kind]
+    def _chain(self, kind: tuple[Any, ...], inputs: list[torch.Tensor], outputs: list[torch.Tensor],
+               nested: list[torch.Tensor]) -> None:
+        """Record what this call's input shares with the previous call's saved output and which of the
+        tensors it is given it saves (run plainly), and remember which of its own outputs it saves for
+        the next call."""
+        saved_in, saved_out, saved_nested = self._kind_ends[kind]
         shared = shared_again = 0
         seen: set[int] = set()
         for i, v in enumerate(inputs):
@@ -174,13 +179,12 @@ class BlockProfile:
             # been another size then): no more than that comes off its saved bytes
             shared_again += min(known[0], saved_in.get(i, 0))
         self.chained.append((shared, shared_again))
-        # the inputs it saves when kept, by storage id, at no more than its kind counted for each
-        ids = {v.untyped_storage().data_ptr(): self._storage_id(v) for v in inputs}
+        # the tensors given that it saves when kept, by storage id, at no more than its kind counted
         saved_ids: dict[int, int] = {}
-        for i, n in saved_in.items():
-            if i < len(inputs):
-                sid = ids[inputs[i].untyped_storage().data_ptr()]
-                saved_ids[sid] = max(saved_ids.get(sid, 0), min(n, inputs[i].untyped_storage().nbytes()))
+        for i, n in saved_nested.items():
+            if i < len(nested):
+                sid = self._storage_id(nested[i])
+                saved_ids[sid] = max(saved_ids.get(sid, 0), min(n, nested[i].untyped_storage().nbytes()))
         self.saved_inputs.append(tuple(saved_ids.items()))
         self._saved_outputs = {
             outputs[i].untyped_storage().data_ptr(): (min(n, outputs[i].untyped_storage().nbytes()),
