@@ -88,8 +88,8 @@ class BlockProfile:
         """For each call, the bytes of its input storages that the previous call saves as its output
         when it runs plainly, and how many of those bytes this call saves again plainly."""
         self.input_storages: list[tuple[tuple[int, int], ...]] = []
-        """For each call, its kept positional inputs' storages as ``(id, bytes)``, ids shared between
-        calls that take the same tensor."""
+        """For each call, the storages of the inputs a checkpointed call keeps (its tensor arguments,
+        positional and keyword) as ``(id, bytes)``, ids shared between calls that take the same tensor."""
         self.saved_inputs: list[tuple[tuple[int, int], ...]] = []
         """For each call, the storages of the inputs it saves when it runs plainly, as ``(id, bytes)``
         with :attr:`input_storages`' ids."""
@@ -144,6 +144,7 @@ class BlockProfile:
         if kind in self._kinds:
             out = checkpoint_with_policy(block, *args, policy=recompute_all, store=store, profiler=self.ops,
                                          fn_kwargs=kwargs)
+            outputs = _tensors(tree_leaves(out))
         else:
             watched = watched_arguments(args, kwargs)
             saved = SavedBytes()  # what the engine would keep or swap
@@ -151,13 +152,14 @@ class BlockProfile:
             with saved.hooks(), _RecordingMode(frame):
                 out = block(*args, **kwargs)
             check_unchanged(watched, args, kwargs, name, block)
+            outputs = _tensors(tree_leaves(out))
             self._kinds[kind] = saved.total
             # which of its inputs and outputs (by position) a call of this kind saves when run plainly
-            self._kind_ends[kind] = (saved.positions(in_tensors), saved.positions(_tensors(tree_leaves(out))),
+            self._kind_ends[kind] = (saved.positions(in_tensors), saved.positions(outputs),
                                      saved.positions(nested))
             self.plain_calls.append(call)
         self.saved.append(self._kinds[kind])
-        self._chain(kind, in_tensors, _tensors(tree_leaves(out)), nested)
+        self._chain(kind, in_tensors, outputs, nested)
         return out
 
     def _chain(self, kind: tuple[Any, ...], inputs: list[torch.Tensor], outputs: list[torch.Tensor],
