@@ -689,10 +689,10 @@ def bench_model(name: str, shape: Shape, modes: list[str], settings: Settings, *
             result = out["modes"][mode]
             if "step_ms" in result:
                 more = retime(mode, bench, blocks, refs, settings)
+                result.setdefault("round_ms", [result["step_ms"]])  # the first round's median
+                result["round_ms"].append(more["step_ms"])
                 result["step_ms_all"] += more["step_ms_all"]
                 result["step_ms"] = statistics.median(result["step_ms_all"])
-                result["round_ms"] = [*result.get("round_ms", [statistics.median(result["step_ms_all"][
-                    :settings.steps])]), more["step_ms"]]
     if settings.rounds > 1:
         print(f"  after {settings.rounds} rounds (median of {settings.rounds * settings.steps} steps):")
         for mode in modes:
