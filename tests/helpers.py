@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from deltaswap.swap.planner import BlockCost, Workload
+from deltaswap.swap import ActivationManager
+from deltaswap.swap.blockprofile import SavedBytes
+from deltaswap.swap.planner import BlockCost, BlockPlan, Workload, held_bytes, simulate
 from deltaswap.swap.profile import Bandwidth, OpRecord
 from deltaswap.swap.recompute import OpDecision, OpPolicy
 
@@ -82,3 +86,24 @@ def synthetic_workload(gbps: float = 50.0, n: int = 16) -> Workload:
     """``n`` synthetic blocks, 100 MB saved outside them, PCIe at ``gbps`` each way, 1200 MB look-ahead."""
     return Workload(blocks=(synthetic_block(),) * n, other_bytes=100 * MB, other_ms=2.0,
                     bandwidth=Bandwidth(gbps, gbps, 1.8 * gbps), min_bytes=MB, lookahead=1200 * MB)
+
+
+def predicted_and_held(mgr: ActivationManager, loss_fn: Callable[[], torch.Tensor],
+                       plans: Callable[[Workload], list[BlockPlan]] | None = None) -> tuple[int, int]:
+    """Profile and plan (two steps of ``loss_fn`` under ``mgr``, CPU, warnings left to the caller), run
+    ``plans(workload)`` instead of the policy's plan if given, then one more step: the plan's predicted
+    forward-end bytes and the bytes autograd held at that step's forward end, each storage once (a plan
+    that swaps nothing runs without the engine, whose hooks would hide the saves)."""
+    for _ in range(2):  # profiling, then the plan
+        with mgr.step():
+            loss = loss_fn()
+        loss.backward()
+    if plans is not None:
+        mgr.use_plan(plans(mgr.workload))
+    counted = SavedBytes()
+    with counted.hooks(), mgr.step():
+        loss = loss_fn()
+    loss.backward()
+    assert mgr.workload is not None and mgr.plan is not None
+    assert min(held_bytes(mgr.workload, mgr.plan.blocks)) >= 0
+    return simulate(mgr.workload, mgr.plan.blocks).forward_end_bytes, counted.total

@@ -11,11 +11,11 @@ from torch import nn
 
 from deltaswap.swap import ActivationManager, SwapConfig, SyncCopyBackend
 from deltaswap.swap.manager import PLAN_CACHE_SIZE, find_blocks
-from deltaswap.swap.planner import BlockMode, checkpoint_block, keep_block, swap_block
+from deltaswap.swap.planner import BlockMode, BlockPlan, Workload, checkpoint_block, keep_block, swap_block
 from deltaswap.swap.recompute import OpDecision
 
 from gpt import GPT, Block, GPTConfig, random_batch
-from helpers import assert_bitwise_equal
+from helpers import assert_bitwise_equal, predicted_and_held
 
 CFG = GPTConfig(vocab_size=97, seq_len=32, n_layer=4, n_head=4, d_model=64, dropout=0.1)
 
@@ -518,28 +518,19 @@ less than once."""
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("plan", ["keep", "recompute", "alternate"])
 def test_the_predicted_activations_are_the_saved_bytes_measured(plan: str, shape: str) -> None:
-    from deltaswap.swap.blockprofile import SavedBytes
-    from deltaswap.swap.planner import held_bytes, simulate
-
     torch.manual_seed(0)
     model = SHAPES[shape]()
     mgr = ActivationManager(SwapConfig(policy="recompute" if plan == "recompute" else "keep", min_bytes=0))
     mgr.wrap(model)  # a CPU: no engine, no swapping
     x = torch.randn(32, 64, requires_grad=True)
+
+    def alternate(work: Workload) -> list[BlockPlan]:  # kept and checkpointed neighbours: where shared
+        return [keep_block(c) if k % 2 == 0 else checkpoint_block(c, {})  # storages are subtracted
+                for k, c in enumerate(work.blocks)]
+
     with pytest.warns(RuntimeWarning, match="CPU"):
-        for _ in range(2):  # profiling, then the plan
-            with mgr.step():
-                loss = model(x).square().sum()
-            loss.backward()
-    if plan == "alternate":  # kept and checkpointed neighbours: where shared storages are subtracted
-        mgr.use_plan([keep_block(c) if k % 2 == 0 else checkpoint_block(c, {})
-                      for k, c in enumerate(mgr.workload.blocks)])
-    counted = SavedBytes()  # what autograd holds at the end of the forward, each storage once (no engine
-    with counted.hooks(), mgr.step():  # runs: a plan that swaps nothing runs without one)
-        loss = model(x).square().sum()
-    loss.backward()
-    assert min(held_bytes(mgr.workload, mgr.plan.blocks)) >= 0
-    predicted = simulate(mgr.workload, mgr.plan.blocks).forward_end_bytes
-    assert predicted >= counted.total  # never less than is held: a budget is a promise
+        predicted, held = predicted_and_held(mgr, lambda: model(x).square().sum(),
+                                             alternate if plan == "alternate" else None)
+    assert predicted >= held  # never less than is held: a budget is a promise
     if shape in ALWAYS_EXACT or plan == "recompute":
-        assert predicted == counted.total
+        assert predicted == held

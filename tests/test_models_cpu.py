@@ -18,7 +18,7 @@ from deltaswap.swap.discovery import describe_blocks, find_blocks
 from deltaswap.swap.planner import BlockMode
 
 from brought import HF_MODELS, MODELS, Loss, build, kv_cache_length
-from helpers import assert_bitwise_equal
+from helpers import assert_bitwise_equal, predicted_and_held
 from lightning_helpers import LitHF, hf_batches
 
 pytest.importorskip("transformers")
@@ -277,27 +277,16 @@ def test_the_predicted_activations_are_what_autograd_holds(name: str, policy: st
     """On a CPU the planner runs uncalibrated: its forward-end bytes must be what the step's saved
     tensors hold, each storage once (a ResNet bottleneck's closing ReLU output, the next one's input; the
     mask and position bias every HF block takes), and never less."""
-    from deltaswap.swap.blockprofile import SavedBytes
-    from deltaswap.swap.planner import simulate
-
     model, loss_fn = build(name)
     mgr = ActivationManager(SwapConfig(policy=policy, min_bytes=0))  # no engine, no swapping
     mgr.wrap(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the CPU and KV-cache warnings
-        for _ in range(2):  # profiling, then the plan
-            with mgr.step():
-                loss = loss_fn(model, torch.Generator().manual_seed(0))
-            loss.backward()
-        counted = SavedBytes()
-        with counted.hooks(), mgr.step():
-            loss = loss_fn(model, torch.Generator().manual_seed(0))
-        loss.backward()
-    predicted = simulate(mgr.workload, mgr.plan.blocks).forward_end_bytes
+        predicted, held = predicted_and_held(mgr, lambda: loss_fn(model, torch.Generator().manual_seed(0)))
     if name == "gpt2" and policy == "recompute":  # its position ids are saved outside the blocks too
-        assert counted.total <= predicted <= 1.01 * counted.total
+        assert held <= predicted <= 1.01 * held
     else:
-        assert predicted == counted.total
+        assert predicted == held
 
 
 # -- nothing to pay when nothing moves ----------------------------------------------------------------------
