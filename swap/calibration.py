@@ -1,9 +1,11 @@
-"""Fitting the planner's model to what was measured: the profiling step's times and peaks, and the
-forward time of the first step that ran a plan."""
+"""Fitting the planner's model to what was measured: the profiling step's times and peaks, the
+forward time of the first step that ran a plan, and the activation peaks of the first steps that ran
+plans."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from .blockprofile import BlockProfile
 from .planner import Plan, Workload, held_bytes, profiling_plans, simulate
@@ -54,3 +56,42 @@ def forward_scale(work: Workload, plan: Plan, measured_forward_ms: float) -> flo
     if predicted > 0 and abs(measured_forward_ms / predicted - 1) > SCALE_TOLERANCE and has_ops:
         return measured_forward_ms / predicted  # the blocks' ops scale so the whole forward matches
     return 1.0
+
+
+PEAK_CHECKS = 3
+"""How many steps of an input shape measure their activation peak against the plan's prediction (each
+correction re-plans; the checks end early once a step's plan is the one measured before it)."""
+MARGIN_DOWN = 0.01
+"""The most, as a fraction of a plan's predicted peak, that a measured peak lowers later predictions:
+an over-prediction is trusted less than an under-prediction, which only costs speed."""
+
+
+@dataclass
+class PeakCheck:
+    """The activation peak of one step that ran ``plan``: CUDA's peak allocated bytes, reset when the
+    step's first block began, over ``baseline`` (what was allocated when the step began), read when the
+    blocks' backward ends; ``measured`` stays ``None`` until then."""
+
+    key: tuple[Any, ...]
+    """The input shape whose plan ran."""
+    plan: Plan
+    """The plan the step ran."""
+    baseline: int
+    measured: int | None = None
+
+
+def peak_margin(margin: int | None, check: PeakCheck) -> int:
+    """The margin to add to predicted peaks (:attr:`~deltaswap.swap.planner.Workload.peak_margin`) once
+    ``check`` has measured a step: what it measured above the model's own prediction for its plan (the
+    margin the plan was predicted with taken off), or the margin so far (``margin``; ``None``: none
+    measured yet) if that is higher. A measured peak below the prediction lowers a first margin by at
+    most :data:`MARGIN_DOWN` of the prediction.
+
+    Example::
+
+        >>> work = replace(work, peak_margin=peak_margin(None, check))       # doctest: +SKIP
+    """
+    assert check.measured is not None
+    raw = check.plan.predicted_peak - int(check.plan.calibration.get("peak_margin", 0))
+    error = max(check.measured - raw, -int(MARGIN_DOWN * raw))
+    return error if margin is None else max(margin, error)

@@ -14,7 +14,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_leaves
 from .arguments import without_cache
 from .backend import CopyBackend, CudaCopyBackend
 from .blockprofile import BlockProfile, SavedBytes, grad_bytes, shape_key
-from .calibration import calibrate, forward_scale
+from .calibration import PEAK_CHECKS, PeakCheck, calibrate, forward_scale, peak_margin
 from .config import UNLIMITED, SwapConfig, format_budget, format_bytes
 from .discovery import describe_blocks, find_blocks
 from .hostcost import NO_HOST_COST, HostCost, measure_host_cost
@@ -154,6 +154,10 @@ class ActivationManager:
         self._manual: dict[tuple[Any, ...], tuple[BlockPlan, ...]] = {}
         self._late: set[tuple[Any, ...]] = set()
         self._observed: set[tuple[Any, ...]] = set()
+        self._margins: dict[tuple[Any, ...], int] = {}  # measured peaks over predicted, per input shape
+        self._peak_checks: dict[tuple[Any, ...], int] = {}  # steps that measured their peak, per shape
+        self._check: PeakCheck | None = None  # the last step's, if it measured its peak
+        self._warned_budget: set[tuple[Any, ...]] = set()
         self._plan: Plan | None = None
         self._profile: BlockProfile | None = None
         self._pending: tuple[tuple[Any, ...], BlockProfile, Any, Any, int] | None = None
@@ -309,16 +313,27 @@ class ActivationManager:
         self._calibrated.clear()
         self._manual.clear()
         self._observed.clear()
+        self._margins.clear()
+        self._peak_checks.clear()
+        self._warned_budget.clear()
         self._late.clear()
         self._expected.clear()
         self._stale.clear()
         self._plan, self._pending, self._bandwidth, self._host_cost = None, None, None, None
+        self._check = None
 
     # -- per step -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def step(self) -> Iterator[ActivationManager]:
         """Run one training forward pass under the current plan (or profile it). Call ``backward``
-        after the block, outside it."""
+        after the block, outside it.
+
+        Warning:
+            On CUDA, the profiling step of each input shape and the first steps that run its plan (up
+            to :data:`~deltaswap.swap.calibration.PEAK_CHECKS`) reset the allocator's peak statistics
+            (``torch.cuda.reset_peak_memory_stats``) at the first block: they measure their activation
+            peak against the plan's prediction. A ``torch.cuda.max_memory_allocated()`` read across
+            those steps sees the reset."""
         if self._model is None:
             raise RuntimeError("call ActivationManager.wrap(model) before step()")
         param = next(self._model.parameters(), None)
@@ -337,6 +352,7 @@ class ActivationManager:
         self._finish_profiling()
         self._finish_late_profiles()
         self._observe()
+        self._observe_peak()
         for key in self._stale:  # a block ran other ops than profiled: profile that shape again
             self._forget(key)
         self._stale.clear()
@@ -454,7 +470,7 @@ class ActivationManager:
                 raise ValueError(f"use_plan needs one BlockPlan per block call: got {len(blocks)} for "
                                  f"{len(work.blocks)} block calls")
             self._manual[self._key] = tuple(blocks)
-        self._store_plan(self._key, work, warn=False)
+        self._store_plan(self._key, work, warn=blocks is None)  # a plan given by hand: the user's call
         assert self._plan is not None
         return self._plan
 
@@ -511,9 +527,6 @@ class ActivationManager:
 
     def _first_block(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """At the step's first block call: find the plan of this input shape, or begin profiling it."""
-        first = _first_grad_tensor(args)
-        if first is not None:  # its gradient arrives when the blocks' backward ends
-            first.register_hook(self._backward_done)
         self._key = shape_key(args, kwargs)
         self._step_plan = self._plans.get(self._key)
         if self._step_plan is not None:
@@ -521,6 +534,9 @@ class ActivationManager:
             self._plan = self._step_plan
         else:
             self._profile = BlockProfile("cuda" if self._on_cuda() else "cpu")
+        first = _first_grad_tensor(args)
+        if first is not None:  # its gradient arrives when the blocks' backward ends
+            first.register_hook(partial(self._backward_done, self._arm_peak_check()))
         if not _moves_nothing(self._step_plan):
             self._enter_engine()
 
@@ -571,8 +587,23 @@ class ActivationManager:
                 stacklevel=2,
             )
 
-    def _backward_done(self, grad: torch.Tensor) -> None:
+    def _backward_done(self, check: PeakCheck | None, grad: torch.Tensor) -> None:
         self._backward_mark = self._mark()
+        if check is not None:
+            check.measured = torch.cuda.max_memory_allocated() - check.baseline
+
+    def _arm_peak_check(self) -> PeakCheck | None:
+        """In the first :data:`~deltaswap.swap.calibration.PEAK_CHECKS` steps that run a plan of this
+        input shape (on CUDA), measure the step's activation peak: CUDA's peak statistics are reset here,
+        at the first block, and read when the blocks' backward ends."""
+        key, plan = self._key, self._step_plan
+        if plan is None or not self._on_cuda() or self._peak_checks.get(key, 0) >= PEAK_CHECKS:
+            return None
+        if key not in self._works or key in self._manual:
+            return None  # a plan given by hand is run as given
+        torch.cuda.reset_peak_memory_stats()
+        self._check = PeakCheck(key, plan, self._baseline)
+        return self._check
 
     def _profile_block(self, call: int, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         profile = self._profile
@@ -649,11 +680,12 @@ class ActivationManager:
         for key in [k for k in self._late if k in self._works and self._works[k][1].blocks_mark is not None]:
             self._late.discard(key)
             work, profile, end = self._works[key]
-            self._store_plan(key, calibrate(work, profile, self._times(profile, end), 1.0), warn=False)
+            self._store_plan(key, calibrate(work, profile, self._times(profile, end), 1.0))
 
     def _store_plan(self, key: tuple[Any, ...], work: Workload, *, warn: bool = True) -> None:
         manual = self._manual.get(key)
         budget = self._budget()
+        work = replace(work, peak_margin=self._margins.get(key, 0))
         if self._ranks is not None:  # every rank plans from the same numbers, so all get the same plan
             budget = self._ranks.budget(budget)
             work = self._ranks.workload(work)
@@ -666,7 +698,8 @@ class ActivationManager:
         if manual is None:
             plan = self._within_host_memory(work, plan, budget)
         self._calibrated[key] = work
-        if warn and plan.predicted_peak > plan.budget:
+        if warn and plan.predicted_peak > plan.budget and key not in self._warned_budget:
+            self._warned_budget.add(key)  # once per input shape
             warnings.warn(
                 f"deltaswap: the smallest plan found needs {format_bytes(plan.predicted_peak)} of "
                 f"activations, over the budget of {format_bytes(plan.budget)}; training goes on with it. "
@@ -685,9 +718,11 @@ class ActivationManager:
         plan = self._plans.pop(key, None)
         if plan is not None and plan is self._plan:
             self._plan = None
-        for cache in (self._works, self._calibrated, self._manual, self._expected):
+        for cache in (self._works, self._calibrated, self._manual, self._expected, self._margins,
+                      self._peak_checks):
             cache.pop(key, None)
         self._observed.discard(key)
+        self._warned_budget.discard(key)
         self._late.discard(key)
 
     def _within_host_memory(self, work: Workload, plan: Plan, budget: int) -> Plan:
@@ -742,7 +777,33 @@ class ActivationManager:
         work, profile, end = self._works[key]
         times = self._times(profile, end)
         scale = forward_scale(calibrate(work, profile, times, 1.0), plan, self._elapsed(*marks))
-        self._store_plan(key, calibrate(work, profile, times, scale), warn=False)
+        self._store_plan(key, calibrate(work, profile, times, scale))
+
+    def _observe_peak(self) -> None:
+        """After a step that measured its activation peak (:meth:`_arm_peak_check`), add what it came to
+        above its plan's prediction (:func:`~deltaswap.swap.calibration.peak_margin`) to every later
+        prediction for that input shape, and plan again if the margin changed. The checks of a shape end
+        once a step's plan is the one that ran before it."""
+        check, self._check = self._check, None
+        if check is None or check.key not in self._works or check.key in self._manual:
+            return
+        key = check.key
+        self._peak_checks[key] = self._peak_checks.get(key, 0) + 1
+        old = self._margins.get(key)
+        new = peak_margin(old, check) if check.measured is not None else old
+        changed = new is not None and new != old
+        if self._ranks is not None:
+            changed = not self._ranks.all(not changed)  # re-plan on every rank in the same step, or none
+        if not changed:
+            if check.measured is not None or self._ranks is not None:  # ranks: all end them, or none
+                self._peak_checks[key] = PEAK_CHECKS  # the prediction held: the checks of this shape end
+            return
+        self._margins[key] = new if new is not None else 0
+        before = self._plans.get(key)
+        self._store_plan(key, self._calibrated[key])
+        after = self._plans.get(key)
+        if before is not None and after is not None and after.blocks == check.plan.blocks:
+            self._peak_checks[key] = PEAK_CHECKS  # the same plan again: its peak is measured
 
     def _budget(self) -> int:
         budget = self.config.memory_budget

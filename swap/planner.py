@@ -8,7 +8,9 @@ The model (DESIGN.md, "How the planner decides"):
   finished when the forward pass ends still occupy the GPU at the peak.
 - The backward pass visits the blocks in reverse, each taking ``backward_ratio`` x its forward time plus
   what it recomputes. A swapped block's bytes come back on a host->device queue, started ``lookahead``
-  of backward progress early; when they arrive late the compute stream stalls.
+  of backward progress early; when they arrive late the compute stream stalls. Bytes whose copy back
+  starts while the head's backward runs (the last blocks', within ``lookahead`` of its end) are on the
+  GPU at the head's peak.
 - A recomputed op costs its measured time again. Keeping costs memory and no time.
 - Kernels run ``copy_slowdown`` (measured) slower while a copy runs beside them: each swapped byte costs
   that fraction of its copy time in each direction, even when the copy itself hides.
@@ -207,6 +209,10 @@ class Plan:
         rows.append(f"policy {self.policy}; budget {format_budget(self.budget)}; predicted peak "
                     f"{format_bytes(self.predicted_peak)}; predicted step {self.predicted_ms:.1f} ms "
                     f"({self.predicted_ms / max(self.plain_ms, 1e-9):.3f} x keeping everything)")
+        margin = int(self.calibration.get("peak_margin", 0))
+        if margin:
+            rows.append(f"the predicted peak includes {'+' if margin > 0 else '-'}"
+                        f"{format_bytes(abs(margin))} measured in a step that ran a plan")
         if self.plain_bytes:
             rows.append(f"outside the blocks (always kept): {format_bytes(self.outside_bytes)}, "
                         f"{100 * self.outside_share:.0f}% of the {format_bytes(self.plain_bytes)} of "
@@ -234,6 +240,10 @@ class Workload:
     peak_offset: int = 0
     """Added to the peak of the blocks' backward: what the profiling step measured there minus what the
     model predicts for its plan (temporaries the model does not see)."""
+    peak_margin: int = 0
+    """Added to every predicted peak: what the activation peak measured in a step that ran a plan came to
+    above (or, by at most :data:`~deltaswap.swap.calibration.MARGIN_DOWN`, below) the model's prediction
+    for that plan (see :func:`~deltaswap.swap.calibration.peak_margin`)."""
     other_grad_bytes: int = 0
     """Gradients of the parameters outside the blocks (embeddings, head), allocated first in backward."""
     head_transient: int = 0
@@ -422,7 +432,7 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     while copying and slow_end[copying[0]] <= forward_end:
         copying.popleft()
     forward_end_bytes = int(work.other_bytes + kept + sum(in_flight(j, forward_end) for j in copying))
-    timeline += [(forward_end, forward_end_bytes), (forward_end, forward_end_bytes + work.head_transient)]
+    timeline.append((forward_end, forward_end_bytes))
     # backward, timing: blocks in reverse. A swapped block's bytes are issued when the backward's progress
     # (bytes of saved tensors consumed, the head's first) is within `lookahead` of them, and must land
     # about when the block needs them (halfway through its backward, on average).
@@ -434,7 +444,8 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
                       else work.other_backward_ms)
     t = forward_end + other_backward
     h2d_free, stall = 0.0, 0.0
-    consumed = work.other_bytes // 2
+    consumed = head_consumed = work.other_bytes // 2
+    early = 0  # swapped bytes whose copy back starts in the head's backward: back at the head's peak
     issued: dict[int, float] = {}
     started: dict[int, float] = {}
     reached: list[tuple[int, float]] = []  # (bytes consumed when a block started, its start time)
@@ -442,6 +453,8 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         cost, plan = blocks[k]
         if plan.swapped_bytes:
             due = consumed - lookahead
+            if due < head_consumed:  # what is still being copied out is counted at the forward's end
+                early += int(plan.swapped_bytes - in_flight(k, forward_end))
             issued[k] = next((when for at, when in reached if at >= due), t)
             h2d_free = max(issued[k], copy_end[k], h2d_free) + plan.swapped_bytes / h2d_rate
             # tensors come back in the order the block uses them: on average each is needed halfway in
@@ -455,6 +468,8 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         consumed += sizes[k]
     # backward, memory, at each block's start: the blocks not yet done, swapped bytes already back,
     # the block's own recompute, and the gradients allocated so far
+    head_peak = forward_end_bytes + work.head_transient + early
+    timeline.append((forward_end, head_peak))
     kept_below, blocks_peak = 0, 0
     grads_above = work.other_grad_bytes + sum(c.grad_bytes for c in work.blocks)
     for k in range(len(plans)):
@@ -468,7 +483,7 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
         grads_above -= cost.grad_bytes
     # in the forward pass, swapped bytes whose copy has not finished still occupy the GPU
     forward_peak = max((b for _, b in timeline), default=0.0)
-    peak = max(forward_peak, forward_end_bytes + work.head_transient, blocks_peak + work.peak_offset)
+    peak = max(forward_peak, head_peak, blocks_peak + work.peak_offset) + work.peak_margin
     timeline.append((t, work.other_grad_bytes + sum(c.grad_bytes for c in work.blocks)))
     return Prediction(peak=int(peak), ms=t, stall_ms=stall, forward_ms=forward_end,
                       forward_end_bytes=forward_end_bytes, blocks_peak=int(blocks_peak),
@@ -493,7 +508,8 @@ def _finish(work: Workload, plans: list[BlockPlan], budget: int, policy: str) ->
         "backward_ratio": work.backward_ratio, "other_ms": work.other_ms,
         "other_backward_ms": -1.0 if work.other_backward_ms is None else work.other_backward_ms,
         "other_bytes": float(work.other_bytes), "head_transient": float(work.head_transient),
-        "peak_offset": float(work.peak_offset), "block_forward_ms": sum(b.forward_ms for b in work.blocks),
+        "peak_offset": float(work.peak_offset), "peak_margin": float(work.peak_margin),
+        "block_forward_ms": sum(b.forward_ms for b in work.blocks),
         "host_launch_ms": work.host.launch_ms, "host_record_ms": work.host.record_ms,
         "host_replay_ms": work.host.replay_ms,
     }
@@ -561,18 +577,18 @@ def plan_auto(work: Workload, budget: int, *, swap: bool = True) -> Plan:
             break
         hidden = k + 1
     fronts = _Frontiers(work)
-    best: tuple[bool, float, list[BlockPlan]] | None = None
+    best: tuple[bool, float, float, list[BlockPlan]] | None = None
     for n_swap in range(hidden, -1, -1):
         plans = [swap_block(c) for c in work.blocks[:n_swap]] + keep[n_swap:]
         plans, pred = _checkpoint_until_fits(work, plans, budget, fronts, swap_inputs=swap)
         if pred.peak <= budget and swap:
             plans, pred = _swap_inputs_and_relax(work, plans, pred, budget, fronts)
         fits = pred.peak <= budget
-        candidate = (not fits, pred.ms if fits else float(pred.peak), plans)
-        if best is None or candidate[:2] < best[:2]:
+        candidate = (not fits, pred.ms if fits else float(pred.peak), pred.ms, plans)
+        if best is None or candidate[:3] < best[:3]:  # of equal peaks that do not fit, the faster
             best = candidate
     assert best is not None
-    return _finish(work, best[2], budget, "auto")
+    return _finish(work, best[3], budget, "auto")
 
 
 class _Frontiers:

@@ -151,8 +151,8 @@ class RankAgreement:
 
 
 # Fields agreed by their largest value (times, bytes); the link's rates by their smallest (negated).
-_WORK_FIELDS = ("other_bytes", "other_ms", "peak_offset", "other_grad_bytes", "head_transient",
-                "backward_ratio", "lookahead")
+_WORK_FIELDS = ("other_bytes", "other_ms", "peak_offset", "peak_margin", "other_grad_bytes",
+                "head_transient", "backward_ratio", "lookahead")
 _FLOAT_FIELDS = {"other_ms", "backward_ratio"}
 
 

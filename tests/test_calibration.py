@@ -1,14 +1,25 @@
 """Fitting the planner's model to measurements: the first planned step's forward rescales the op times,
-within limits, and leaves them alone when the prediction was close."""
+within limits, and leaves them alone when the prediction was close; a measured activation peak above
+the prediction raises every later prediction by the difference."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
 from deltaswap.swap.blockprofile import BlockProfile
-from deltaswap.swap.calibration import SCALE_LIMITS, calibrate, forward_scale
-from deltaswap.swap.planner import make_plan, simulate
+from deltaswap.swap.calibration import (
+    MARGIN_DOWN,
+    SCALE_LIMITS,
+    PeakCheck,
+    calibrate,
+    forward_scale,
+    peak_margin,
+)
+from deltaswap.swap.planner import Plan, make_plan, simulate
 
+from helpers import MB
 from helpers import synthetic_workload as workload
 
 
@@ -30,3 +41,42 @@ def test_a_close_prediction_or_an_extreme_one_is_bounded() -> None:
     fitted = calibrate(work, BlockProfile("cpu"), (0.0, 0.0), 100.0)  # clamped to the most
     ops = sum(b.forward_ms for b in work.blocks)
     assert sum(b.forward_ms for b in fitted.blocks) == pytest.approx(SCALE_LIMITS[1] * ops)
+
+
+# -- the peak: a budget is a promise ---------------------------------------------------------------------
+def _check(plan: Plan, measured: int) -> PeakCheck:
+    return PeakCheck(key=(), plan=plan, baseline=0, measured=measured)
+
+
+def test_a_peak_measured_above_the_prediction_is_added_to_every_later_prediction() -> None:
+    work = workload()
+    plan = make_plan(work, "recompute", budget=1)
+    margin = peak_margin(None, _check(plan, plan.predicted_peak + 70 * MB))
+    assert margin == 70 * MB
+    corrected = make_plan(replace(work, peak_margin=margin), "recompute", budget=1)
+    assert corrected.predicted_peak == plan.predicted_peak + 70 * MB
+    # measured again with the margin in the prediction: the margin it was predicted with comes off
+    assert peak_margin(margin, _check(corrected, corrected.predicted_peak + 10 * MB)) == 80 * MB
+    assert peak_margin(margin, _check(corrected, corrected.predicted_peak - 30 * MB)) == 70 * MB  # the most
+
+
+def test_a_peak_measured_below_the_prediction_lowers_it_a_little_and_only_at_first() -> None:
+    work = workload()
+    plan = make_plan(work, "recompute", budget=1)
+    assert peak_margin(None, _check(plan, plan.predicted_peak - 1000)) == -1000
+    lowest = -int(MARGIN_DOWN * plan.predicted_peak)
+    assert peak_margin(None, _check(plan, plan.predicted_peak // 2)) == lowest
+    assert peak_margin(0, _check(plan, plan.predicted_peak - 1000)) == 0  # a margin so far stays
+
+
+def test_auto_fits_the_budget_with_the_measured_margin() -> None:
+    """With a margin measured, ``auto`` picks a plan whose prediction, margin included, fits."""
+    work = workload()
+    budget = 2500 * MB
+    first = make_plan(work, "auto", budget=budget)
+    assert first.predicted_peak <= budget
+    margin = peak_margin(None, _check(first, first.predicted_peak + 300 * MB))
+    again = make_plan(replace(work, peak_margin=margin), "auto", budget=budget)
+    assert again.predicted_peak <= budget
+    assert simulate(work, again.blocks).peak + 300 * MB <= budget  # less memory, not just a lower figure
+    assert again.predicted_ms > first.predicted_ms

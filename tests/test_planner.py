@@ -83,6 +83,24 @@ def test_swapped_bytes_still_being_copied_count_at_the_peak() -> None:
     assert pred.stall_ms > 0
 
 
+def test_swapped_bytes_whose_copy_back_starts_in_the_heads_backward_count_at_its_peak() -> None:
+    """The engine starts copying a swapped tensor back once the backward's progress is within the
+    look-ahead of it: for the last blocks that happens while the head's backward (logits' gradient)
+    still runs, so a swapped input of the last block frees nothing at the head's peak (measured on
+    GPT-2: a plan predicted 48 MiB under torch's checkpointing measured its peak)."""
+    work = dataclasses.replace(workload(), head_transient=2000 * MB)  # the head's backward sets the peak
+    recompute = [checkpoint_block(c, {}) for c in work.blocks]
+    base = simulate(work, recompute)
+    assert base.peak == base.forward_end_bytes + work.head_transient
+    last = [*recompute[:-1], checkpoint_block(work.blocks[-1], {}, swap_input=True)]
+    first = [checkpoint_block(work.blocks[0], {}, swap_input=True), *recompute[1:]]
+    assert simulate(work, last).peak == base.peak  # its copy back starts in the head's backward
+    assert simulate(work, first).peak == base.peak  # all 16 inputs lie within the 1200 MB look-ahead
+    short = dataclasses.replace(work, lookahead=MB)
+    assert simulate(short, last).peak == base.peak  # the last block's, whatever the look-ahead
+    assert simulate(short, first).peak == base.peak - work.blocks[0].input_bytes  # on the host then
+
+
 def test_delta_rule_swaps_when_the_copy_is_cheap_and_recomputes_when_not() -> None:
     fast = delta_block(block(), Bandwidth(1000.0, 1000.0, 1800.0), min_bytes=MB)
     assert fast.decisions.get(2) is OpDecision.SWAP  # 100 MB at 1 TB/s: 0.1 ms x 2 <= 1 ms
