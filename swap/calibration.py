@@ -80,12 +80,13 @@ class PeakCheck:
     measured: int | None = None
 
 
-def peak_margin(margin: int | None, check: PeakCheck) -> int:
+def peak_margin(margin: int | None, check: PeakCheck, down: float = MARGIN_DOWN) -> int:
     """The margin to add to predicted peaks (:attr:`~deltaswap.swap.planner.Workload.peak_margin`) once
     ``check`` has measured a step: what it measured above the model's own prediction for its plan (the
     margin the plan was predicted with taken off), or the margin so far (``margin``; ``None``: none
     measured yet) if that is higher. A measured peak below the prediction lowers a first margin by at
-    most :data:`MARGIN_DOWN` of the prediction.
+    most ``down`` of the prediction: :data:`MARGIN_DOWN` where the margin chooses the plan (``auto``);
+    a fixed policy's plan is the one measured, so ``1.0`` trusts the measurement whole.
 
     Example::
 
@@ -93,5 +94,5 @@ def peak_margin(margin: int | None, check: PeakCheck) -> int:
     """
     assert check.measured is not None
     raw = check.plan.predicted_peak - int(check.plan.calibration.get("peak_margin", 0))
-    error = max(check.measured - raw, -int(MARGIN_DOWN * raw))
+    error = max(check.measured - raw, -int(down * raw))
     return error if margin is None else max(margin, error)

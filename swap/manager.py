@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_leaves
 from .arguments import without_cache
 from .backend import CopyBackend, CudaCopyBackend
 from .blockprofile import BlockProfile, SavedBytes, grad_bytes, shape_key
-from .calibration import PEAK_CHECKS, PeakCheck, calibrate, forward_scale, peak_margin
+from .calibration import MARGIN_DOWN, PEAK_CHECKS, PeakCheck, calibrate, forward_scale, peak_margin
 from .config import UNLIMITED, SwapConfig, format_budget, format_bytes
 from .discovery import describe_blocks, find_blocks
 from .hostcost import NO_HOST_COST, HostCost, measure_host_cost
@@ -790,7 +790,8 @@ class ActivationManager:
         key = check.key
         self._peak_checks[key] = self._peak_checks.get(key, 0) + 1
         old = self._margins.get(key)
-        new = peak_margin(old, check) if check.measured is not None else old
+        down = MARGIN_DOWN if self.config.policy == "auto" else 1.0  # a fixed policy: the plan measured
+        new = peak_margin(old, check, down) if check.measured is not None else old
         changed = new is not None and new != old
         if self._ranks is not None:
             changed = not self._ranks.all(not changed)  # re-plan on every rank in the same step, or none

@@ -67,6 +67,8 @@ def test_a_peak_measured_below_the_prediction_lowers_it_a_little_and_only_at_fir
     lowest = -int(MARGIN_DOWN * plan.predicted_peak)
     assert peak_margin(None, _check(plan, plan.predicted_peak // 2)) == lowest
     assert peak_margin(0, _check(plan, plan.predicted_peak - 1000)) == 0  # a margin so far stays
+    # a fixed policy runs the plan measured: the measurement is trusted whole
+    assert peak_margin(None, _check(plan, plan.predicted_peak // 2), down=1.0) == -(plan.predicted_peak // 2)
 
 
 def test_auto_fits_the_budget_with_the_measured_margin() -> None:
