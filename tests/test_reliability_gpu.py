@@ -5,11 +5,12 @@ Run on the device machine."""
 
 from __future__ import annotations
 
+import psutil
 import pytest
 import torch
 from torch import nn
 
-from deltaswap.swap import ActivationManager, SwapConfig
+from deltaswap.swap import ActivationManager, SwapConfig, offload_activations
 
 from gpt import GPT, GPTConfig, random_batch
 from helpers import assert_bitwise_equal
@@ -87,3 +88,60 @@ def test_soak_1000_steps_keeps_pinned_and_gpu_memory_flat() -> None:
     assert figures[500][0] == figures[1000][0] > 0, "the pinned pool stops growing after warm-up"
     assert figures[10][1] == figures[500][1] == figures[1000][1] == 0, "nothing pinned between steps"
     assert figures[500][2] == figures[1000][2], "GPU memory flat after warm-up"
+
+
+def _held() -> tuple[int, int, int]:
+    """(pinned bytes torch's caching host allocator holds, process RSS, GPU bytes allocated)."""
+    torch.cuda.synchronize()
+    pinned = int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
+    return pinned, psutil.Process().memory_info().rss, torch.cuda.memory_allocated()
+
+
+def test_soak_per_step_contexts_and_managers_one_after_another_hold_flat_memory() -> None:
+    """The idioms that grew host memory before (issue: host memory that stays flat): a new
+    ``offload_activations()`` every step for 200 steps, two managers training in turn, and a manager
+    after a closed one. Pinned memory and RSS stay within 5% (RSS: or 64 MiB) of what the first steps
+    held, GPU memory allocated is flat, and every context swapped."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=1000, seq_len=256, n_layer=4, n_head=4, d_model=256)
+    model = GPT(cfg).cuda()
+    x, y = random_batch(cfg, 8, "cuda", torch.Generator().manual_seed(1))
+    figures = {}
+    for i in range(1, 201):
+        model.zero_grad(set_to_none=True)
+        with offload_activations(min_bytes=0) as off, torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        assert off.stats.bytes_offloaded > 0
+        if i in (10, 100, 200):
+            figures[i] = _held()
+    print("per-step contexts (pinned, RSS, GPU allocated) at steps 10, 100, 200:", figures)
+    pinned, rss, _ = figures[10]
+    assert pinned > 0
+    for step in (100, 200):
+        assert figures[step][0] <= 1.05 * pinned, f"pinned grew: {figures}"
+        assert figures[step][1] <= max(1.05 * rss, rss + (64 << 20)), f"RSS grew: {figures}"
+    assert figures[100][2] == figures[200][2], "GPU memory flat"
+
+    other = GPT(cfg).cuda()  # two managers, training in turn, then each replaced by a new one
+    for round_ in range(3):
+        managers = [ActivationManager(SwapConfig(policy="swap", min_bytes=0)) for _ in range(2)]
+        for mgr, m in zip(managers, (model, other), strict=True):
+            mgr.wrap(m)
+        for step in range(5):
+            for mgr, m in zip(managers, (model, other), strict=True):
+                m.zero_grad(set_to_none=True)
+                with mgr.step(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = m(x, y)
+                loss.backward()
+                assert step == 0 or mgr.stats.engine.bytes_offloaded > 0  # after the profiling step
+        for mgr in managers:
+            mgr.close()
+        figures[f"managers {round_}"] = _held()
+    print("two managers per round (pinned, RSS, GPU allocated):", figures)
+    first = figures["managers 0"]
+    for round_ in (1, 2):
+        now = figures[f"managers {round_}"]
+        assert now[0] <= 1.05 * first[0], f"pinned grew: {figures}"
+        assert now[1] <= max(1.05 * first[1], first[1] + (64 << 20)), f"RSS grew: {figures}"
+        assert now[2] == first[2], "GPU memory flat"
