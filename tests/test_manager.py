@@ -10,8 +10,18 @@ import torch
 from torch import nn
 
 from deltaswap.swap import ActivationManager, SwapConfig, SyncCopyBackend
+from deltaswap.swap.calibration import PeakCheck
+from deltaswap.swap.config import format_bytes
 from deltaswap.swap.manager import PLAN_CACHE_SIZE, find_blocks
-from deltaswap.swap.planner import BlockMode, BlockPlan, Workload, checkpoint_block, keep_block, swap_block
+from deltaswap.swap.planner import (
+    BlockMode,
+    BlockPlan,
+    Workload,
+    checkpoint_block,
+    keep_block,
+    make_plan,
+    swap_block,
+)
 from deltaswap.swap.recompute import OpDecision
 
 from gpt import GPT, Block, GPTConfig, random_batch
@@ -534,3 +544,44 @@ def test_the_predicted_activations_are_the_saved_bytes_measured(plan: str, shape
     assert predicted >= held  # never less than is held: a budget is a promise
     if shape in ALWAYS_EXACT or plan == "recompute":
         assert predicted == held
+
+
+# -- a budget is a promise: the measured peak corrects the prediction -----------------------------------
+def test_a_peak_measured_over_the_prediction_re_plans_within_the_budget_and_warns_once_if_none_fits() -> None:
+    """On CUDA the first planned steps measure their activation peak (``PeakCheck``); here, on a CPU,
+    the measurement is given. Measured above its prediction, the plan is made again with the difference
+    added to every prediction, and it fits the budget with it; when no plan fits any more, one warning
+    names the smallest peak."""
+    model, batches = model_and_batches(6)
+    probe = ActivationManager(SwapConfig(policy="keep", min_bytes=0))
+    probe.wrap(model)
+    with pytest.warns(RuntimeWarning, match="runs on the CPU"):
+        train(model, batches[:2], probe)
+    assert probe.plan is not None
+    assert probe.workload is not None  # a budget midway between recomputing everything and keeping it
+    budget = (probe.plan.predicted_peak + make_plan(probe.workload, "recompute", 1).predicted_peak) // 2
+    probe.unwrap()
+    probe.close()
+    mgr = ActivationManager(SwapConfig(policy="auto", memory_budget=budget, min_bytes=0))
+    mgr.wrap(model)
+    with pytest.warns(RuntimeWarning) as caught:
+        train(model, batches[:2], mgr)  # profiling, then the plan
+        first = mgr.plan
+        assert first is not None and first.predicted_peak <= budget
+        # measured over: by more than the room the plan left, less than the smallest plan leaves
+        smallest = make_plan(mgr.workload, "recompute", budget).predicted_peak
+        left = budget - first.predicted_peak
+        assert left < budget - smallest
+        margin = (left + budget - smallest) // 2
+        mgr._check = PeakCheck(mgr._key, first, 0, measured=first.predicted_peak + margin)
+        train(model, batches[2:3], mgr)
+        again = mgr.plan
+        assert again is not None
+        assert again.calibration["peak_margin"] == margin
+        assert again.predicted_peak <= budget and again.blocks != first.blocks  # less memory, not a figure
+        for _ in range(2):  # measured far over, twice: nothing fits; one warning with the smallest peak
+            mgr._check = PeakCheck(mgr._key, mgr.plan, 0, measured=mgr.plan.predicted_peak + budget)
+            train(model, batches[3:4], mgr)
+    over = [str(w.message) for w in caught if "the smallest plan found needs" in str(w.message)]
+    assert len(over) == 1 and mgr.plan.predicted_peak > budget
+    assert f"over the budget of {format_bytes(budget)}" in over[0]
