@@ -702,8 +702,9 @@ class ActivationManager:
             self._warned_budget.add(key)  # once per input shape
             warnings.warn(
                 f"deltaswap: the smallest plan found needs {format_bytes(plan.predicted_peak)} of "
-                f"activations, over the budget of {format_bytes(plan.budget)}; training goes on with it. "
-                f"Lower the batch size or raise memory_budget.",
+                f"activations, {format_bytes(plan.predicted_peak - plan.budget)} over the budget of "
+                f"{format_bytes(plan.budget)}; training goes on with it. Lower the batch size or raise "
+                f"memory_budget.",
                 RuntimeWarning,
                 stacklevel=3,
             )
