@@ -440,6 +440,18 @@ def summarize(results: dict[str, Any], bandwidth: dict[str, float]) -> dict[str,
                   f"{r['fwd_ms'] + r['bwd_ms']:8.1f}{plan['predicted_ms']:9.1f}", end="")
         print()
         summary[f"{mode}_x_plain"] = ratio
+    for mode in ("auto_mid", "auto_sac", "auto_ckpt", "auto_min"):  # is each budget a promise kept?
+        if mode not in results:
+            continue
+        r, plan = results[mode], results[mode]["plan"]
+        warned = plan["predicted_peak_gib"] > plan["budget_gib"]  # the manager warned: cannot be met
+        kept = r["act_peak_gib"] <= plan["budget_gib"]
+        error = r["act_peak_gib"] / plan["predicted_peak_gib"] - 1
+        summary[f"{mode}_budget_kept"] = kept or warned
+        summary[f"{mode}_peak_vs_predicted"] = error
+        verdict = "kept" if kept else ("over, warned" if warned else "OVER, not warned")
+        print(f"{mode}: budget {plan['budget_gib']:.2f} GiB {verdict}; measured peak {r['act_peak_gib']:.2f} "
+              f"GiB, {error:+.1%} against the predicted {plan['predicted_peak_gib']:.2f}")
     for mode in ("auto_mid", "auto_sac", "auto_ckpt"):
         prefix = f"grid_{mode.removeprefix('auto_')}_"
         if mode not in results or not plain:
