@@ -58,9 +58,10 @@ def forward_scale(work: Workload, plan: Plan, measured_forward_ms: float) -> flo
     return 1.0
 
 
-PEAK_CHECKS = 3
-"""How many steps of an input shape measure their activation peak against the plan's prediction (each
-correction re-plans; the checks end early once a step's plan is the one measured before it)."""
+PEAK_CHECKS = 4
+"""The most steps of an input shape that measure their activation peak against their plan's prediction:
+a step measures when its plan has not been measured yet (a correction, or the first step's measured
+speed, can change the plan)."""
 MARGIN_DOWN = 0.01
 """The most, as a fraction of a plan's predicted peak, that a measured peak lowers later predictions:
 an over-prediction is trusted less than an under-prediction, which only costs speed."""
@@ -78,6 +79,26 @@ class PeakCheck:
     """The plan the step ran."""
     baseline: int
     measured: int | None = None
+    floor: int = 0
+    """Bytes allocated over ``baseline`` when the forward ended: the peak is at least that, even if
+    other code reset the peak statistics in between."""
+    grads_held: int = 0
+    """Bytes of the gradients that existed when the step began (gradient accumulation): in the baseline,
+    while the prediction counts every gradient as allocated in the step."""
+
+    @property
+    def activation_peak(self) -> int | None:
+        """The peak to compare with the prediction, or ``None`` before the backward has measured it."""
+        if self.measured is None:
+            return None
+        return max(self.measured, self.floor) + self.grads_held
+
+
+def plan_signature(plan: Plan) -> tuple[Any, ...]:
+    """What a plan runs, per block (mode, stored ops, swapped input), without its predicted figures:
+    equal for plans that run alike."""
+    return tuple((b.mode, tuple(sorted((i, d.value) for i, d in b.decisions.items())), b.swap_input)
+                 for b in plan.blocks)
 
 
 def peak_margin(margin: int | None, check: PeakCheck, down: float = MARGIN_DOWN) -> int:
@@ -92,7 +113,8 @@ def peak_margin(margin: int | None, check: PeakCheck, down: float = MARGIN_DOWN)
 
         >>> work = replace(work, peak_margin=peak_margin(None, check))       # doctest: +SKIP
     """
-    assert check.measured is not None
+    peak = check.activation_peak
+    assert peak is not None
     raw = check.plan.predicted_peak - int(check.plan.calibration.get("peak_margin", 0))
-    error = max(check.measured - raw, -int(down * raw))
+    error = max(peak - raw, -int(down * raw))
     return error if margin is None else max(margin, error)

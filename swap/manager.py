@@ -36,7 +36,15 @@ from torch.utils._pytree import tree_leaves
 from .arguments import without_cache
 from .backend import CopyBackend, CudaCopyBackend
 from .blockprofile import BlockProfile, SavedBytes, grad_bytes, shape_key
-from .calibration import MARGIN_DOWN, PEAK_CHECKS, PeakCheck, calibrate, forward_scale, peak_margin
+from .calibration import (
+    MARGIN_DOWN,
+    PEAK_CHECKS,
+    PeakCheck,
+    calibrate,
+    forward_scale,
+    peak_margin,
+    plan_signature,
+)
 from .config import UNLIMITED, SwapConfig, format_budget, format_bytes
 from .discovery import describe_blocks, find_blocks
 from .hostcost import NO_HOST_COST, HostCost, measure_host_cost
@@ -156,6 +164,7 @@ class ActivationManager:
         self._observed: set[tuple[Any, ...]] = set()
         self._margins: dict[tuple[Any, ...], int] = {}  # measured peaks over predicted, per input shape
         self._peak_checks: dict[tuple[Any, ...], int] = {}  # steps that measured their peak, per shape
+        self._measured_plans: dict[tuple[Any, ...], set[tuple[Any, ...]]] = {}  # their plans' signatures
         self._check: PeakCheck | None = None  # the last step's, if it measured its peak
         self._warned_budget: set[tuple[Any, ...]] = set()
         self._plan: Plan | None = None
@@ -315,6 +324,7 @@ class ActivationManager:
         self._observed.clear()
         self._margins.clear()
         self._peak_checks.clear()
+        self._measured_plans.clear()
         self._warned_budget.clear()
         self._late.clear()
         self._expected.clear()
@@ -330,7 +340,8 @@ class ActivationManager:
 
         Warning:
             On CUDA, the profiling step of each input shape and the first steps that run its plan (up
-            to :data:`~deltaswap.swap.calibration.PEAK_CHECKS`) reset the allocator's peak statistics
+            to :data:`~deltaswap.swap.calibration.PEAK_CHECKS`, while their plan is one no step has
+            measured yet) reset the allocator's peak statistics
             (``torch.cuda.reset_peak_memory_stats``) at the first block: they measure their activation
             peak against the plan's prediction. A ``torch.cuda.max_memory_allocated()`` read across
             those steps sees the reset."""
@@ -379,6 +390,8 @@ class ActivationManager:
                 raise torch.OutOfMemoryError(self._out_of_memory(err)) from err
             finally:
                 self._in_step = False
+                if self._check is not None and self._check.key == self._key:  # a floor for its peak
+                    self._check.floor = torch.cuda.memory_allocated() - self._baseline
                 self._engine, self._engine_ran, self._counted = None, self._engine_on, None
                 self._step_marks = (start, self._mark())
         # a step that grew the pinned pool (pinned allocations synchronize) does not represent the others
@@ -593,16 +606,22 @@ class ActivationManager:
             check.measured = torch.cuda.max_memory_allocated() - check.baseline
 
     def _arm_peak_check(self) -> PeakCheck | None:
-        """In the first :data:`~deltaswap.swap.calibration.PEAK_CHECKS` steps that run a plan of this
-        input shape (on CUDA), measure the step's activation peak: CUDA's peak statistics are reset here,
-        at the first block, and read when the blocks' backward ends."""
+        """On CUDA, while this step's plan is one no step of its input shape has measured (at most
+        :data:`~deltaswap.swap.calibration.PEAK_CHECKS` steps per shape), measure the step's activation
+        peak: CUDA's peak statistics are reset here, at the first block, and read when the blocks'
+        backward ends."""
         key, plan = self._key, self._step_plan
-        if plan is None or not self._on_cuda() or self._peak_checks.get(key, 0) >= PEAK_CHECKS:
-            return None
-        if key not in self._works or key in self._manual:
+        if plan is None or not self._on_cuda() or key not in self._works or key in self._manual:
             return None  # a plan given by hand is run as given
+        if (self._peak_checks.get(key, 0) >= PEAK_CHECKS
+                or plan_signature(plan) in self._measured_plans.get(key, ())):
+            return None
+        self._peak_checks[key] = self._peak_checks.get(key, 0) + 1
+        model = self._model
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
+                    if p.grad is not None) if model is not None else 0
         torch.cuda.reset_peak_memory_stats()
-        self._check = PeakCheck(key, plan, self._baseline)
+        self._check = PeakCheck(key, plan, self._baseline, grads_held=grads)
         return self._check
 
     def _profile_block(self, call: int, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -720,7 +739,7 @@ class ActivationManager:
         if plan is not None and plan is self._plan:
             self._plan = None
         for cache in (self._works, self._calibrated, self._manual, self._expected, self._margins,
-                      self._peak_checks):
+                      self._peak_checks, self._measured_plans):
             cache.pop(key, None)
         self._observed.discard(key)
         self._warned_budget.discard(key)
@@ -783,29 +802,26 @@ class ActivationManager:
     def _observe_peak(self) -> None:
         """After a step that measured its activation peak (:meth:`_arm_peak_check`), add what it came to
         above its plan's prediction (:func:`~deltaswap.swap.calibration.peak_margin`) to every later
-        prediction for that input shape, and plan again if the margin changed. The checks of a shape end
-        once a step's plan is the one that ran before it."""
+        prediction for that input shape, and plan again if the margin changed."""
         check, self._check = self._check, None
         if check is None or check.key not in self._works or check.key in self._manual:
             return
         key = check.key
-        self._peak_checks[key] = self._peak_checks.get(key, 0) + 1
+        measured = check.activation_peak is not None
+        if self._ranks is not None:
+            measured = not self._ranks.all(not measured)  # some rank measured it: all count it measured
+        if not measured:
+            return  # its backward ran after this step began: a later step measures
+        self._measured_plans.setdefault(key, set()).add(plan_signature(check.plan))
         old = self._margins.get(key)
         down = MARGIN_DOWN if self.config.policy == "auto" else 1.0  # a fixed policy: the plan measured
-        new = peak_margin(old, check, down) if check.measured is not None else old
+        new = peak_margin(old, check, down) if check.activation_peak is not None else old
         changed = new is not None and new != old
         if self._ranks is not None:
             changed = not self._ranks.all(not changed)  # re-plan on every rank in the same step, or none
-        if not changed:
-            if check.measured is not None or self._ranks is not None:  # ranks: all end them, or none
-                self._peak_checks[key] = PEAK_CHECKS  # the prediction held: the checks of this shape end
-            return
-        self._margins[key] = new if new is not None else 0
-        before = self._plans.get(key)
-        self._store_plan(key, self._calibrated[key])
-        after = self._plans.get(key)
-        if before is not None and after is not None and after.blocks == check.plan.blocks:
-            self._peak_checks[key] = PEAK_CHECKS  # the same plan again: its peak is measured
+        if changed:
+            self._margins[key] = new if new is not None else 0  # the ranks agree on the largest
+            self._store_plan(key, self._calibrated[key])
 
     def _budget(self) -> int:
         budget = self.config.memory_budget

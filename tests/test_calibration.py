@@ -16,6 +16,7 @@ from deltaswap.swap.calibration import (
     calibrate,
     forward_scale,
     peak_margin,
+    plan_signature,
 )
 from deltaswap.swap.planner import Plan, make_plan, simulate
 
@@ -82,3 +83,27 @@ def test_auto_fits_the_budget_with_the_measured_margin() -> None:
     assert again.predicted_peak <= budget
     assert simulate(work, again.blocks).peak + 300 * MB <= budget  # less memory, not just a lower figure
     assert again.predicted_ms > first.predicted_ms
+
+
+def test_gradients_held_before_the_step_and_a_reset_counter_do_not_hide_a_peak() -> None:
+    """With gradient accumulation the gradients already exist when a step begins: they are in its
+    baseline, but the prediction counts them as allocated in the step, so they are added back. And the
+    peak is at least what the forward's end held, should other code reset CUDA's peak counter."""
+    work = workload()
+    plan = make_plan(work, "recompute", budget=1)
+    check = PeakCheck(key=(), plan=plan, baseline=0, measured=plan.predicted_peak - 50 * MB,
+                      grads_held=80 * MB)
+    assert check.activation_peak == plan.predicted_peak + 30 * MB
+    assert peak_margin(None, check) == 30 * MB
+    reset = PeakCheck(key=(), plan=plan, baseline=0, measured=MB, floor=plan.predicted_peak + 5 * MB)
+    assert peak_margin(None, reset) == 5 * MB
+    assert PeakCheck(key=(), plan=plan, baseline=0).activation_peak is None  # backward not yet run
+
+
+def test_a_plan_signature_is_what_the_plan_runs_not_what_it_predicts() -> None:
+    work = workload()
+    plan = make_plan(work, "recompute", budget=1)
+    rescaled = make_plan(calibrate(work, BlockProfile("cpu"), (0.0, 0.0), 2.0), "recompute", budget=1)
+    assert rescaled.predicted_ms != plan.predicted_ms
+    assert plan_signature(rescaled) == plan_signature(plan)
+    assert plan_signature(make_plan(work, "keep", budget=1)) != plan_signature(plan)

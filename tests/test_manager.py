@@ -568,6 +568,11 @@ def test_a_peak_measured_over_the_prediction_re_plans_within_the_budget_and_warn
         train(model, batches[:2], mgr)  # profiling, then the plan
         first = mgr.plan
         assert first is not None and first.predicted_peak <= budget
+        # a step whose backward had not run when the next step began measured nothing: nothing changes
+        mgr._check = PeakCheck(mgr._key, first, 0)
+        train(model, batches[4:5], mgr)
+        assert mgr.plan.calibration["peak_margin"] == 0
+        first = mgr.plan
         # measured over: by more than the room the plan left, less than the smallest plan leaves
         smallest = make_plan(mgr.workload, "recompute", budget).predicted_peak
         left = budget - first.predicted_peak
