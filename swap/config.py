@@ -168,7 +168,10 @@ class SwapConfig:
     memory_budget: int | float | str = "auto"
     """Most GPU memory the step's activations may take. ``"auto"``: what the device has left after
     weights, gradients and optimizer state, less a safety margin; an int or a size string (``"12GiB"``):
-    bytes; a float in (0, 1]: that fraction of the device's total memory."""
+    bytes; a float in (0, 1]: that fraction of the device's total memory. The first steps that run a
+    plan measure its peak and correct the prediction (the plan is made again if it was low), so the
+    budget holds from the step after; a budget no plan can meet gets one warning with the smallest
+    peak."""
 
     policy: str = "auto"
     """``"auto"``: the cheapest mix of keep / swap / recompute per tensor that fits the budget, from
