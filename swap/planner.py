@@ -242,8 +242,9 @@ class Workload:
     model predicts for its plan (temporaries the model does not see)."""
     peak_margin: int = 0
     """Added to every predicted peak: what the activation peak measured in a step that ran a plan came to
-    above (or, by at most :data:`~deltaswap.swap.calibration.MARGIN_DOWN`, below) the model's prediction
-    for that plan (see :func:`~deltaswap.swap.calibration.peak_margin`)."""
+    above (or below: for ``auto`` by at most :data:`~deltaswap.swap.calibration.MARGIN_DOWN`) the
+    model's prediction for that plan (see :func:`~deltaswap.swap.calibration.peak_margin`). Not in
+    :attr:`Prediction.timeline`, which stays the model's own."""
     other_grad_bytes: int = 0
     """Gradients of the parameters outside the blocks (embeddings, head), allocated first in backward."""
     head_transient: int = 0
