@@ -118,3 +118,60 @@ def peak_margin(margin: int | None, check: PeakCheck, down: float = MARGIN_DOWN)
     raw = check.plan.predicted_peak - int(check.plan.calibration.get("peak_margin", 0))
     error = max(peak - raw, -int(down * raw))
     return error if margin is None else max(margin, error)
+
+
+class PeakChecks:
+    """Which steps measure their activation peak, and what the measurements taught, per input shape:
+    a step measures while its plan is one no step of its shape has measured (at most
+    :data:`PEAK_CHECKS` per shape); each measurement that moves the margin (:func:`peak_margin`) asks
+    for the shape to be planned again. The measuring itself (CUDA's peak counter) is the caller's.
+
+    Example::
+
+        >>> checks = PeakChecks()
+        >>> check = checks.arm(key, plan, baseline=allocated)           # doctest: +SKIP
+        >>> ... the step runs; its backward sets check.measured ...      # doctest: +SKIP
+        >>> if checks.record(check, down=MARGIN_DOWN): replan(key)      # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self._margins: dict[tuple[Any, ...], int] = {}
+        self._counts: dict[tuple[Any, ...], int] = {}
+        self._measured: dict[tuple[Any, ...], set[tuple[Any, ...]]] = {}
+
+    def margin(self, key: tuple[Any, ...]) -> int:
+        """The margin measured for input shape ``key`` (0 before any)."""
+        return self._margins.get(key, 0)
+
+    def wants(self, key: tuple[Any, ...], plan: Plan) -> bool:
+        """Whether a step of ``key`` that runs ``plan`` should measure its peak."""
+        return (self._counts.get(key, 0) < PEAK_CHECKS
+                and plan_signature(plan) not in self._measured.get(key, ()))
+
+    def arm(self, key: tuple[Any, ...], plan: Plan, baseline: int, grads_held: int = 0) -> PeakCheck:
+        """A check for a step of ``key`` running ``plan`` (counted against :data:`PEAK_CHECKS`)."""
+        self._counts[key] = self._counts.get(key, 0) + 1
+        return PeakCheck(key, plan, baseline, grads_held=grads_held)
+
+    def record(self, check: PeakCheck, down: float = MARGIN_DOWN, *,
+               measured: bool | None = None) -> int | None:
+        """Take in ``check``'s measurement: its plan counts as measured and the margin moves as
+        :func:`peak_margin` says. Returns the new margin if it moved (plan the shape again), else
+        ``None``. ``measured`` (default: whether ``check`` measured) is what several ranks agreed on:
+        a rank whose own backward measured nothing keeps its margin."""
+        if measured is None:
+            measured = check.activation_peak is not None
+        if not measured:
+            return None  # its backward ran after the next step began: a later step measures
+        self._measured.setdefault(check.key, set()).add(plan_signature(check.plan))
+        old = self._margins.get(check.key)
+        new = peak_margin(old, check, down) if check.activation_peak is not None else old
+        if new is None or new == old:
+            return None
+        self._margins[check.key] = new
+        return new
+
+    def forget(self, key: tuple[Any, ...]) -> None:
+        """Drop what was measured for ``key`` (it is profiled again)."""
+        for table in (self._margins, self._counts, self._measured):
+            table.pop(key, None)

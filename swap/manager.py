@@ -36,15 +36,7 @@ from torch.utils._pytree import tree_leaves
 from .arguments import without_cache
 from .backend import CopyBackend, CudaCopyBackend
 from .blockprofile import BlockProfile, SavedBytes, grad_bytes, shape_key
-from .calibration import (
-    MARGIN_DOWN,
-    PEAK_CHECKS,
-    PeakCheck,
-    calibrate,
-    forward_scale,
-    peak_margin,
-    plan_signature,
-)
+from .calibration import MARGIN_DOWN, PeakCheck, PeakChecks, calibrate, forward_scale
 from .config import UNLIMITED, SwapConfig, format_budget, format_bytes
 from .discovery import describe_blocks, find_blocks
 from .hostcost import NO_HOST_COST, HostCost, measure_host_cost
@@ -162,9 +154,7 @@ class ActivationManager:
         self._manual: dict[tuple[Any, ...], tuple[BlockPlan, ...]] = {}
         self._late: set[tuple[Any, ...]] = set()
         self._observed: set[tuple[Any, ...]] = set()
-        self._margins: dict[tuple[Any, ...], int] = {}  # measured peaks over predicted, per input shape
-        self._peak_checks: dict[tuple[Any, ...], int] = {}  # steps that measured their peak, per shape
-        self._measured_plans: dict[tuple[Any, ...], set[tuple[Any, ...]]] = {}  # their plans' signatures
+        self._peaks = PeakChecks()  # measured activation peaks against the predictions, per shape
         self._check: PeakCheck | None = None  # the last step's, if it measured its peak
         self._warned_budget: set[tuple[Any, ...]] = set()
         self._plan: Plan | None = None
@@ -322,9 +312,7 @@ class ActivationManager:
         self._calibrated.clear()
         self._manual.clear()
         self._observed.clear()
-        self._margins.clear()
-        self._peak_checks.clear()
-        self._measured_plans.clear()
+        self._peaks = PeakChecks()
         self._warned_budget.clear()
         self._late.clear()
         self._expected.clear()
@@ -613,15 +601,13 @@ class ActivationManager:
         key, plan = self._key, self._step_plan
         if plan is None or not self._on_cuda() or key not in self._works or key in self._manual:
             return None  # a plan given by hand is run as given
-        if (self._peak_checks.get(key, 0) >= PEAK_CHECKS
-                or plan_signature(plan) in self._measured_plans.get(key, ())):
+        if not self._peaks.wants(key, plan):
             return None
-        self._peak_checks[key] = self._peak_checks.get(key, 0) + 1
         model = self._model
         grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
                     if p.grad is not None) if model is not None else 0
         torch.cuda.reset_peak_memory_stats()
-        self._check = PeakCheck(key, plan, self._baseline, grads_held=grads)
+        self._check = self._peaks.arm(key, plan, self._baseline, grads_held=grads)
         return self._check
 
     def _profile_block(self, call: int, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -704,7 +690,7 @@ class ActivationManager:
     def _store_plan(self, key: tuple[Any, ...], work: Workload, *, warn: bool = True) -> None:
         manual = self._manual.get(key)
         budget = self._budget()
-        work = replace(work, peak_margin=self._margins.get(key, 0))
+        work = replace(work, peak_margin=self._peaks.margin(key))
         if self._ranks is not None:  # every rank plans from the same numbers, so all get the same plan
             budget = self._ranks.budget(budget)
             work = self._ranks.workload(work)
@@ -738,9 +724,9 @@ class ActivationManager:
         plan = self._plans.pop(key, None)
         if plan is not None and plan is self._plan:
             self._plan = None
-        for cache in (self._works, self._calibrated, self._manual, self._expected, self._margins,
-                      self._peak_checks, self._measured_plans):
+        for cache in (self._works, self._calibrated, self._manual, self._expected):
             cache.pop(key, None)
+        self._peaks.forget(key)
         self._observed.discard(key)
         self._warned_budget.discard(key)
         self._late.discard(key)
@@ -801,27 +787,20 @@ class ActivationManager:
 
     def _observe_peak(self) -> None:
         """After a step that measured its activation peak (:meth:`_arm_peak_check`), add what it came to
-        above its plan's prediction (:func:`~deltaswap.swap.calibration.peak_margin`) to every later
-        prediction for that input shape, and plan again if the margin changed."""
+        above its plan's prediction to every later prediction for that input shape
+        (:class:`~deltaswap.swap.calibration.PeakChecks`), and plan again if that moved."""
         check, self._check = self._check, None
         if check is None or check.key not in self._works or check.key in self._manual:
             return
-        key = check.key
         measured = check.activation_peak is not None
         if self._ranks is not None:
             measured = not self._ranks.all(not measured)  # some rank measured it: all count it measured
-        if not measured:
-            return  # its backward ran after this step began: a later step measures
-        self._measured_plans.setdefault(key, set()).add(plan_signature(check.plan))
-        old = self._margins.get(key)
         down = MARGIN_DOWN if self.config.policy == "auto" else 1.0  # a fixed policy: the plan measured
-        new = peak_margin(old, check, down) if check.activation_peak is not None else old
-        changed = new is not None and new != old
-        if self._ranks is not None:
+        changed = self._peaks.record(check, down, measured=measured) is not None
+        if self._ranks is not None and measured:
             changed = not self._ranks.all(not changed)  # re-plan on every rank in the same step, or none
         if changed:
-            self._margins[key] = new if new is not None else 0  # the ranks agree on the largest
-            self._store_plan(key, self._calibrated[key])
+            self._store_plan(check.key, self._calibrated[check.key])  # the ranks agree on the largest
 
     def _budget(self) -> int:
         budget = self.config.memory_budget

@@ -13,6 +13,7 @@ from deltaswap.swap.calibration import (
     MARGIN_DOWN,
     SCALE_LIMITS,
     PeakCheck,
+    PeakChecks,
     calibrate,
     forward_scale,
     peak_margin,
@@ -107,3 +108,27 @@ def test_a_plan_signature_is_what_the_plan_runs_not_what_it_predicts() -> None:
     assert rescaled.predicted_ms != plan.predicted_ms
     assert plan_signature(rescaled) == plan_signature(plan)
     assert plan_signature(make_plan(work, "keep", budget=1)) != plan_signature(plan)
+
+
+def test_peak_checks_measure_each_new_plan_once_and_at_most_four_steps_per_shape() -> None:
+    work = workload()
+    recompute = make_plan(work, "recompute", budget=1)
+    keep = make_plan(work, "keep", budget=1)
+    checks = PeakChecks()
+    assert checks.wants("a", recompute) and checks.margin("a") == 0
+    check = checks.arm("a", recompute, baseline=0)
+    check.measured = recompute.predicted_peak + 20 * MB
+    assert checks.record(check) == 20 * MB and checks.margin("a") == 20 * MB  # moved: plan again
+    assert not checks.wants("a", recompute)  # measured: that plan's steps run unmeasured
+    assert checks.wants("a", keep) and checks.wants("b", recompute)  # another plan, another shape
+    late = checks.arm("a", keep, baseline=0)  # its backward runs after the next step began
+    assert checks.record(late) is None and checks.wants("a", keep)  # nothing learnt: measure again
+    again = checks.arm("a", keep, baseline=0)
+    again.measured = keep.predicted_peak - 20 * MB + 5 * MB  # predicted with no margin: 15 MB low
+    assert checks.record(again) is None and checks.margin("a") == 20 * MB  # below the margin: kept
+    assert not checks.wants("a", keep)
+    other = make_plan(work, "swap", budget=1)
+    checks.arm("a", other, baseline=0)
+    assert not checks.wants("a", make_plan(work, "delta", budget=1))  # four steps of "a" measured
+    checks.forget("a")
+    assert checks.wants("a", recompute) and checks.margin("a") == 0
