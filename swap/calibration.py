@@ -131,7 +131,8 @@ class PeakChecks:
         >>> checks = PeakChecks()
         >>> check = checks.arm(key, plan, baseline=allocated)           # doctest: +SKIP
         >>> ... the step runs; its backward sets check.measured ...      # doctest: +SKIP
-        >>> if checks.record(check, down=MARGIN_DOWN): replan(key)      # doctest: +SKIP
+        >>> if checks.record(check, down=MARGIN_DOWN) is not None:      # doctest: +SKIP
+        ...     replan(key)
     """
 
     def __init__(self) -> None:
@@ -164,12 +165,11 @@ class PeakChecks:
         if not measured:
             return None  # its backward ran after the next step began: a later step measures
         self._measured.setdefault(check.key, set()).add(plan_signature(check.plan))
-        old = self._margins.get(check.key)
-        new = peak_margin(old, check, down) if check.activation_peak is not None else old
-        if new is None or new == old:
-            return None
-        self._margins[check.key] = new
-        return new
+        before = self.margin(check.key)
+        if check.activation_peak is not None:
+            self._margins[check.key] = peak_margin(self._margins.get(check.key), check, down)
+        after = self.margin(check.key)
+        return after if after != before else None
 
     def forget(self, key: tuple[Any, ...]) -> None:
         """Drop what was measured for ``key`` (it is profiled again)."""

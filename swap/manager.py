@@ -378,7 +378,7 @@ class ActivationManager:
                 raise torch.OutOfMemoryError(self._out_of_memory(err)) from err
             finally:
                 self._in_step = False
-                if self._check is not None and self._check.key == self._key:  # a floor for its peak
+                if self._check is not None:  # armed in this step: a floor for its peak
                     self._check.floor = torch.cuda.memory_allocated() - self._baseline
                 self._engine, self._engine_ran, self._counted = None, self._engine_on, None
                 self._step_marks = (start, self._mark())
