@@ -56,6 +56,7 @@ from .profile import Bandwidth, measure_bandwidth
 from .ranks import RankAgreement
 from .recompute import OpDecision, OpPolicy, checkpoint_all, checkpoint_with_policy
 from .stats import OffloadStats
+from .weak import weakly
 
 PLAN_CACHE_SIZE = 8
 """Plans kept for different input shapes; the least recently used is dropped beyond this."""
@@ -537,7 +538,7 @@ class ActivationManager:
             self._profile = BlockProfile("cuda" if self._on_cuda() else "cpu")
         first = _first_grad_tensor(args)
         if first is not None:  # its gradient arrives when the blocks' backward ends
-            first.register_hook(partial(self._backward_done, self._arm_peak_check()))
+            first.register_hook(weakly(self._backward_done, self._arm_peak_check()))
         if not _moves_nothing(self._step_plan):
             self._enter_engine()
 
@@ -569,7 +570,7 @@ class ActivationManager:
         if expected is None:
             expected = self._expected[self._key] = tuple(tuple(op.op for op in b.ops) for b in work[0].blocks)
         name = self._name_of.get(id(block), "?")
-        return bp.policy(expected[call], partial(self._diverged, self._key, name))
+        return bp.policy(expected[call], weakly(self._diverged, self._key, name))
 
     def _diverged(self, key: tuple[Any, ...], name: str) -> None:
         """A block call ran other ops (or the step more block calls) than when ``key`` was profiled."""
@@ -618,14 +619,14 @@ class ActivationManager:
             torch.cuda.reset_peak_memory_stats()
             first = _first_grad_tensor(args)
             if first is not None:  # its gradient arrives at the end of the blocks' backward
-                first.register_hook(partial(self._blocks_done, profile))
+                first.register_hook(weakly(self._blocks_done, profile))
         inside = self._counted.in_block() if self._counted is not None else contextlib.nullcontext()
         with self._offloader.swapping(False), inside:
             out = profile.run(call, block, self._name_of.get(id(block), type(block).__name__),
                               self._offloader.store, *args, **kwargs)
         last = _first_grad_tensor(tree_leaves(out))
         if self._on_cuda() and last is not None:
-            last.register_hook(partial(self._head_done, profile))  # the last block's fires first
+            last.register_hook(weakly(self._head_done, profile))  # the last block's fires first
         return out
 
     def _head_done(self, profile: BlockProfile, grad: torch.Tensor) -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import TypeVar
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
@@ -19,8 +17,7 @@ from .config import OffloadConfig, format_bytes
 from .pool import PinnedPool, available_host_bytes
 from .stats import OffloadStats
 from .step import OffloadStep
-
-_T = TypeVar("_T")
+from .weak import weakly
 
 
 class ActivationOffloader:
@@ -111,8 +108,8 @@ class ActivationOffloader:
             backend,
             self._pool,
             # weakly: the step (and the pool it holds) must not keep a dropped offloader alive in a cycle
-            swap_enabled=_weakly(self._swap_enabled, False),
-            on_pool_full=_weakly(self._warn_pool_full, None),
+            swap_enabled=weakly(self._swap_enabled, default=False),
+            on_pool_full=weakly(self._warn_pool_full),
         )
         self._depth = 0
         if self._next_buffers is not None:  # named for this step: no hook on every module call
@@ -263,17 +260,6 @@ class ActivationOffloader:
                 RuntimeWarning,
                 stacklevel=2,
             )
-
-
-def _weakly(method: Callable[[], _T], default: _T) -> Callable[[], _T]:
-    """``method`` called through a weak reference to its object (``default`` once the object is gone)."""
-    ref = weakref.WeakMethod(method)  # type: ignore[arg-type]
-
-    def call() -> _T:
-        bound = ref()
-        return bound() if bound is not None else default
-
-    return call
 
 
 def offload_activations(

@@ -98,6 +98,32 @@ def test_a_dropped_manager_and_its_model_are_freed_at_once(policy: str) -> None:
     assert [r() for r in refs] == [None] * len(refs)
 
 
+@pytest.mark.parametrize("policy", ["swap", "recompute", "delta", "auto"])
+def test_a_manager_is_freed_while_its_last_loss_is_held(policy: str) -> None:
+    """The loss a loop keeps until its next step holds the autograd graph, and the hooks the manager
+    put in it reach the manager weakly: closed and dropped, the manager goes, and a new manager wraps
+    the model at once (found by the GPU soak: two managers replaced while the last loss was alive)."""
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    plain = train(model, None)
+    mgr = manager(policy)
+    mgr.wrap(model)
+    train(model, mgr)
+    x, y = random_batch(CFG, 2, "cpu", torch.Generator().manual_seed(0))
+    with mgr.step():
+        loss = model(x, y)
+    loss.backward()
+    mgr.close()
+    ref = weakref.ref(mgr)
+    del mgr  # ``loss`` and its graph are still alive
+    assert ref() is None
+    second = manager(policy)
+    second.wrap(model)
+    for expected, actual in zip(plain, train(model, second), strict=True):
+        assert_bitwise_equal(expected, actual)
+    assert loss.grad_fn is not None
+
+
 def test_a_model_whose_manager_is_gone_trains_plainly() -> None:
     torch.manual_seed(0)
     model = GPT(CFG)
