@@ -100,3 +100,46 @@ def test_the_per_op_modes_cost_the_host_time_beside_plain_launches() -> None:
     print("host cost per op:", cost)
     assert 0.0 < cost.launch_ms < 1.0
     assert 0.0 < cost.record_ms < 1.0 and 0.0 < cost.replay_ms < 1.0
+
+
+class _TinyOps(torch.nn.Module):
+    """A block of 300 tiny elementwise ops: each kernel takes microseconds, each dispatch under the
+    profiler far longer, so an op timed while the GPU waits for the host times the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(256))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(100):
+            x = (x * self.scale).relu() + 1e-3
+        return x
+
+
+def test_profiled_op_times_are_the_gpus_even_after_the_host_synchronized() -> None:
+    """The profiling step times each op by events around it. Where the host synchronizes before a block
+    (FSDP's all-gather rate limit does, before each unit), the GPU then waits on the host's dispatch of
+    every op, and the events time the host: FSDP's op times ran about 4x too slow. The profiler holds
+    the GPU back before each call (``OpProfiler.lead``) so that its ops run back to back; their times
+    are then a small part of the host's time for the call, as kernels of microseconds are."""
+    import time
+
+    from deltaswap.swap.blockprofile import BlockProfile
+
+    block = _TinyOps().cuda()
+    x = torch.randn(4, 256, device="cuda", requires_grad=True)
+    for _ in range(2):  # warm up the kernels
+        block(x).sum().backward()
+    profile = BlockProfile("cuda")
+    host_ms = []
+    for call in range(4):  # the first runs plainly, the others checkpointed
+        torch.cuda.synchronize()  # what FSDP's rate limit does before a unit
+        started = time.perf_counter()
+        profile.run(call, block, f"b{call}", None, x)
+        host_ms.append((time.perf_counter() - started) * 1e3)
+    torch.cuda.synchronize()
+    timed = [cost.forward_ms for cost in profile.costs()]
+    assert len(timed) == 4
+    for ms, host in zip(timed, host_ms, strict=True):
+        assert ms < 0.3 * host, f"op times {timed} ms against host times {host_ms} ms"
+    assert profile.ops.lead_ms() > 0
