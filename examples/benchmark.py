@@ -15,6 +15,13 @@ GPT-style decoder (bf16 autocast, SDPA attention, fused AdamW) under:
   between plain's and sac_matmul's measured peaks, at sac_matmul's, at checkpoint's, and as small as it
   goes (those modes must run first, in the same process).
 
+With ``--fsdp``, the model is wrapped in FSDP on this one GPU, each block a unit, as Lightning's
+``FSDPStrategy(auto_wrap_policy={Block})`` wraps it (one rank: a process group of one). ``plain`` is then
+plain FSDP; ``checkpoint`` is FSDP's own activation checkpointing of every block (what Lightning's
+``activation_checkpointing_policy={Block}`` applies, a second copy of the model); ``ds_*`` and ``auto_*``
+plan the blocks inside FSDP's units, as ``deltaswap_fsdp`` does. Only ``plain``, ``checkpoint``,
+``ds_*``, ``auto_ckpt`` and ``auto_min`` run under ``--fsdp``.
+
 With ``--grid``, each of ``auto_mid``, ``auto_sac`` and ``auto_ckpt`` is followed by a grid of hand-made
 plans at the same budget (``grid_<budget>_<plan>``): the first 0, 1 or 2 blocks swapped, then per block
 one of keep (K), selective recompute that stores the matmul and attention outputs (C) or full recompute
@@ -30,12 +37,15 @@ Launch::
     python examples/benchmark.py                                  # 16 layers, d 2048, seq 2048, batch 8
     python examples/benchmark.py --preset gpt2-medium --batch-size 4 --out out/bench.json
     python examples/benchmark.py --modes plain swap_first2 --steps 10
+    python examples/benchmark.py --fsdp --preset gpt2-large --batch-size 16 \
+        --modes plain checkpoint ds_recompute auto_ckpt auto_min
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import sys
@@ -61,7 +71,7 @@ from deltaswap.swap.planner import (
 from deltaswap.swap.profile import copy_rate, duplex_rate
 from deltaswap.swap.recompute import OpDecision
 
-from gpt import GPT, PRESETS, random_batch
+from gpt import GPT, PRESETS, Block, random_batch
 
 GiB = 1 << 30
 MODES = (
@@ -70,6 +80,7 @@ MODES = (
 )
 DEFAULT_MODES = ("plain", "checkpoint", "sac_matmul", "swap_first2", "swap_all", "save_on_cpu",
                  "ds_recompute", "ds_delta", "ds_swap", "auto_mid", "auto_sac", "auto_ckpt", "auto_min")
+FSDP_MODES = ("plain", "checkpoint", "ds_swap", "ds_recompute", "ds_delta", "auto_ckpt", "auto_min")
 aten = torch.ops.aten
 SAC_SAVED = {
     aten.mm.default, aten.addmm.default, aten.bmm.default,
@@ -173,13 +184,44 @@ def grid_plans(work: Workload, budget: int) -> dict[str, list[BlockPlan]]:
     return out
 
 
+def fsdp_models(model: GPT, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, bool]:
+    """``model`` wrapped in FSDP (each :class:`Block` a unit, fully sharded, ``use_orig_params`` as
+    Lightning sets it) and a copy of it wrapped the same way with FSDP's activation checkpointing of
+    every block applied after, as Lightning's ``FSDPStrategy(activation_checkpointing_policy={Block})``
+    applies it. On one process, a process group of one (NCCL on CUDA, gloo on a CPU) is started if none
+    is; the last value says whether this call started it."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+
+    def wrap(m: torch.nn.Module) -> torch.nn.Module:
+        return FullyShardedDataParallel(m, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=device,
+                                        sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True)
+
+    peer = wrap(copy.deepcopy(model))
+    apply_activation_checkpointing(
+        peer, checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: isinstance(m, Block))
+    return wrap(model), peer, started
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
 def run_mode(
     name: str,
-    model: GPT,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: tuple[torch.Tensor, torch.Tensor],
     ctx_factory: Callable[[], contextlib.AbstractContextManager],
@@ -228,7 +270,7 @@ def run_mode(
 
 
 def _profile_step(
-    model: GPT,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: tuple[torch.Tensor, torch.Tensor],
     ctx_factory: Callable[[], contextlib.AbstractContextManager],
@@ -246,7 +288,9 @@ def _profile_step(
             loss.backward()
         torch.cuda.synchronize()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+    table = prof.key_averages()
+    path.write_text(table.table(sort_by="self_cuda_time_total", row_limit=40) + "\n\nby host time:\n"
+                    + table.table(sort_by="self_cpu_time_total", row_limit=30))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,7 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", default=None, help="write a Pareto plot (step time vs peak) to this PNG")
     parser.add_argument("--profile", default=None, help="write a torch.profiler summary of one step per mode")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON results")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="wrap the model in FSDP on this GPU, each block a unit (see above)")
     args = parser.parse_args(argv)
+    if args.fsdp and any(m not in FSDP_MODES for m in args.modes):
+        parser.error(f"--fsdp runs only the modes {', '.join(FSDP_MODES)}")
     if not torch.cuda.is_available():
         print("benchmark.py measures PCIe and GPU step times: it needs a CUDA device.", file=sys.stderr)
         return 2
@@ -280,20 +328,27 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = GPT(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batch = random_batch(cfg, args.batch_size, "cuda", torch.Generator().manual_seed(0))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.preset} {n_params / 1e6:.0f}M params, batch {args.batch_size}, seq {cfg.seq_len}")
+    net: torch.nn.Module = model  # what is trained: the model, or its FSDP wrapper
+    peer: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None  # --fsdp: FSDP's own checkpointing
+    if args.fsdp:
+        net, peer_net, _ = fsdp_models(model, torch.device("cuda", torch.cuda.current_device()))
+        peer = (peer_net, torch.optim.AdamW(peer_net.parameters(), lr=1e-4, fused=True))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+    batch = random_batch(cfg, args.batch_size, "cuda", torch.Generator().manual_seed(0))
+    print(f"model: {args.preset} {n_params / 1e6:.0f}M params, batch {args.batch_size}, seq {cfg.seq_len}"
+          + (", FSDP on one GPU" if args.fsdp else ""))
 
     config = OffloadConfig(min_bytes=args.min_bytes, prefetch_lookahead=lookahead)
     manager: ActivationManager | None = None
     if any(m.startswith(("ds_", "auto_")) for m in args.modes):
         manager = ActivationManager(SwapConfig(min_bytes=args.min_bytes, prefetch_lookahead=lookahead))
-        manager.wrap(model)  # outside manager.step() the wrapped blocks run plainly
+        manager.wrap(net)  # outside manager.step() the wrapped blocks run plainly
     results: dict[str, Any] = {}
     for mode in args.modes:
         offloader: ActivationOffloader | None = None
-        model.block_runner = {"checkpoint": _checkpoint_block, "sac_matmul": _sac_block}.get(mode)
+        if not args.fsdp:  # under FSDP, checkpoint trains the copy FSDP checkpoints itself
+            model.block_runner = {"checkpoint": _checkpoint_block, "sac_matmul": _sac_block}.get(mode)
         if mode.startswith(("ds_", "auto_")):
             assert manager is not None
             budget = _auto_budget(mode, results) if mode.startswith("auto_") else "auto"
@@ -303,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             policy = mode[3:] if mode.startswith("ds_") else "auto"
             manager.replan(SwapConfig(min_bytes=args.min_bytes, prefetch_lookahead=lookahead, policy=policy,
                                       memory_budget=budget))
-            results[mode] = run_mode(mode, model, optimizer, batch, manager.step, warmup=max(args.warmup, 3),
+            results[mode] = run_mode(mode, net, optimizer, batch, manager.step, warmup=max(args.warmup, 3),
                                      steps=args.steps, profile=args.profile)
             results[mode]["plan"] = _plan_summary(manager, budget)
             results[mode]["engine"] = asdict(manager.stats.engine)
@@ -311,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             results[mode]["workload"] = asdict(work) if work is not None else None  # for offline planning
             if args.grid and mode in ("auto_mid", "auto_sac", "auto_ckpt"):
                 assert isinstance(budget, int)
-                run_grid(mode, budget, manager, model, optimizer, batch, args.grid_steps, results)
+                run_grid(mode, budget, manager, net, optimizer, batch, args.grid_steps, results)
             continue
         if mode == "swap_all":
             offloader = ActivationOffloader(config)
@@ -325,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
             factory = lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)  # noqa: E731
         else:
             factory = contextlib.nullcontext
+        trained, opt = peer if peer is not None and mode == "checkpoint" else (net, optimizer)
         results[mode] = run_mode(
-            mode, model, optimizer, batch, factory, warmup=args.warmup, steps=args.steps, profile=args.profile
+            mode, trained, opt, batch, factory, warmup=args.warmup, steps=args.steps, profile=args.profile
         )
         if offloader is not None:
             stats = offloader.stats
@@ -340,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset,
-        "batch_size": args.batch_size, "bandwidth_gbps": bandwidth, "modes": results, "summary": summary,
+        "batch_size": args.batch_size, "fsdp": args.fsdp, "bandwidth_gbps": bandwidth, "modes": results,
+        "summary": summary,
     }, indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -281,3 +281,44 @@ def test_max_batch_without_cuda_says_so_and_returns_2(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert max_batch.main([]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_benchmark_fsdp_models_train_as_the_model_does_under_fsdp_and_its_checkpointing() -> None:
+    """benchmark.py --fsdp's two wrappers of one model (plain FSDP, and FSDP with its activation
+    checkpointing of every block, as Lightning applies it) and deltaswap planning the blocks inside the
+    FSDP units give the model's own gradients (CPU, a process group of one over gloo)."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from deltaswap.swap import ActivationManager, SwapConfig
+
+    import benchmark
+
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    x, y = random_batch(SMALL, 2, "cpu", torch.Generator().manual_seed(0))
+    model(x, y).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP of one rank: NO_SHARD; deltaswap on a CPU: no swapping
+        net, peer, started = benchmark.fsdp_models(model, torch.device("cpu"))
+        try:
+            assert sum(isinstance(m, FullyShardedDataParallel) for m in net.modules()) == SMALL.n_layer + 1
+            assert sum(isinstance(m, CheckpointWrapper) for m in peer.modules()) == SMALL.n_layer
+            mgr = ActivationManager(SwapConfig(policy="recompute", min_bytes=0))
+            mgr.wrap(net)
+            assert len(mgr.blocks) == SMALL.n_layer
+            for wrapped, ctx in ((peer, None), (net, None), (net, mgr), (net, mgr)):
+                wrapped.zero_grad(set_to_none=True)
+                with ctx.step() if ctx is not None else torch.enable_grad():
+                    loss = wrapped(x, y)
+                loss.backward()
+                for a, b in zip(expected, [p.grad for p in wrapped.parameters()], strict=True):
+                    torch.testing.assert_close(b, a, rtol=0, atol=0)
+        finally:
+            if started:
+                dist.destroy_process_group()
