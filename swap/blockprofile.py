@@ -14,7 +14,6 @@ everything recomputed (the least memory). Every call's ops are timed and their o
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,15 +28,6 @@ from .planner import BlockCost
 from .profile import OpProfiler
 from .recompute import LocalStore, OpDecision, SavedStore, _Frame, _RecordingMode, checkpoint_with_policy
 from .step import held_elsewhere
-
-LEAD_FACTOR = 2.0
-"""How many times the host's time for the previous block call the GPU is held before the next one in
-the profiling step (:meth:`~deltaswap.swap.profile.OpProfiler.lead`): enough for the host to enqueue the
-call before its ops run, where GPU clocks run faster than their nominal rate."""
-LEAD_MIN_MS = 0.5
-"""Added to every hold, in milliseconds."""
-FIRST_LEAD_MS = 20.0
-"""The host time assumed for the call before the first one, in milliseconds."""
 
 
 def block_kind(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -109,7 +99,6 @@ class BlockProfile:
         self._kind_ends: dict[tuple[Any, ...], tuple[dict[int, int], dict[int, int], dict[int, int]]] = {}
         self._saved_outputs: dict[int, tuple[int, StorageWeakRef]] = {}
         self._structures: dict[int, tuple[Any, ...]] = {}
-        self._host_ms = FIRST_LEAD_MS
         self.baseline = 0
         """GPU bytes allocated when the step began."""
         self.forward_end = 0
@@ -152,10 +141,6 @@ class BlockProfile:
         if structure is None:
             structure = self._structures[id(block)] = block_structure(block)
         kind = block_kind(block, args, kwargs, structure)
-        # the GPU held back for longer than the host took to enqueue the previous call under the
-        # profiler, so that this call's ops are timed as the GPU runs them (OpProfiler.lead)
-        self.ops.lead(LEAD_FACTOR * self._host_ms + LEAD_MIN_MS)
-        started = time.perf_counter()
         if kind in self._kinds:
             out = checkpoint_with_policy(block, *args, policy=recompute_all, store=store, profiler=self.ops,
                                          fn_kwargs=kwargs)
@@ -173,7 +158,6 @@ class BlockProfile:
             self._kind_ends[kind] = (saved.positions(in_tensors), saved.positions(outputs),
                                      saved.positions(nested))
             self.plain_calls.append(call)
-        self._host_ms = (time.perf_counter() - started) * 1e3
         self.saved.append(self._kinds[kind])
         self._chain(kind, in_tensors, outputs, nested)
         return out

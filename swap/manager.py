@@ -648,8 +648,7 @@ class ActivationManager:
         blocks = profile.costs()
         plain = set(profile.plain_calls)
         block_ms = sum(b.forward_ms for b in blocks)
-        # the forward's time outside the blocks' ops, less the holds that kept the GPU behind the host
-        other_ms = max(0.0, self._elapsed(start, end) - block_ms - profile.ops.lead_ms())
+        other_ms = max(0.0, self._elapsed(start, end) - block_ms)
         # the engine saw the checkpointed calls' inputs and what lies outside the blocks
         other_bytes = saved_total if counted_outside else max(0, saved_total - sum(
             n for k, n in enumerate(profile.input_tensors) if k not in plain))

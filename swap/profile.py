@@ -194,35 +194,6 @@ class OpProfiler:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cuda = torch.device(device).type == "cuda"
         self._calls: list[list[tuple[int, str, int, bool, Any, Any]]] = []
-        self._leads: list[tuple[Any, Any]] = []
-
-    def lead(self, ms: float) -> None:
-        """Hold the current stream for about ``ms`` milliseconds of GPU time (CUDA only; nothing on a
-        CPU), so that the host enqueues the next block call's ops before the GPU runs them.
-
-        Each op is timed by events on either side of it, which time whatever the GPU does between them.
-        When the GPU has caught up with the host (after a host synchronization, such as the all-gather
-        rate limit FSDP applies before each unit), that is the host's time to dispatch the op under the
-        profiler, not the op's own: several times the op's cost on host-bound steps. With the GPU held
-        back while the host runs ahead, the ops run back to back and their events time their kernels.
-        The hold is timed too, and :meth:`lead_ms` says how long it took in all, so that a caller can
-        take it off the step's time."""
-        if not self.cuda or ms <= 0:
-            return
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(int(ms * _clock_khz()))  # spins for that many GPU clock cycles
-        end.record()
-        self._leads.append((start, end))
-
-    def lead_ms(self) -> float:
-        """How long the holds of :meth:`lead` took on the GPU, in all (waits for them)."""
-        total = 0.0
-        for start, end in self._leads:
-            end.synchronize()
-            total += float(start.elapsed_time(end))
-        return total
 
     def new_call(self) -> int:
         """Start a block call; returns its number."""
@@ -262,10 +233,3 @@ class OpProfiler:
                 records.append(OpRecord(index, op, nbytes, ms, storable))
             result.append(records)
         return result
-
-
-def _clock_khz() -> int:
-    """The current CUDA device's nominal SM clock in kHz (cycles per millisecond); 2 GHz where the
-    device does not say."""
-    rate = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "clock_rate", 0)
-    return int(rate) if rate else 2_000_000
