@@ -332,7 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     net: torch.nn.Module = model  # what is trained: the model, or its FSDP wrapper
     peer: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None  # --fsdp: FSDP's own checkpointing
     if args.fsdp:
-        net, peer_net, _ = fsdp_models(model, torch.device("cuda", torch.cuda.current_device()))
+        net, peer_net, started = fsdp_models(model, torch.device("cuda", torch.cuda.current_device()))
+        if started:  # ended at exit, as NCCL asks
+            import atexit
+
+            import torch.distributed as dist
+
+            atexit.register(dist.destroy_process_group)
         peer = (peer_net, torch.optim.AdamW(peer_net.parameters(), lr=1e-4, fused=True))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
     batch = random_batch(cfg, args.batch_size, "cuda", torch.Generator().manual_seed(0))
