@@ -44,6 +44,7 @@ Launch::
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
 import json
@@ -334,11 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fsdp:
         net, peer_net, started = fsdp_models(model, torch.device("cuda", torch.cuda.current_device()))
         if started:  # ended at exit, as NCCL asks
-            import atexit
-
-            import torch.distributed as dist
-
-            atexit.register(dist.destroy_process_group)
+            atexit.register(torch.distributed.destroy_process_group)
         peer = (peer_net, torch.optim.AdamW(peer_net.parameters(), lr=1e-4, fused=True))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
     batch = random_batch(cfg, args.batch_size, "cuda", torch.Generator().manual_seed(0))

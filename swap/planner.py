@@ -559,12 +559,12 @@ def delta_block(cost: BlockCost, bandwidth: Bandwidth, min_bytes: int) -> BlockP
 
 
 STALL_TOLERANCE_MS = 0.5
+"""Plans that swap more leading blocks are tried while the predicted backward stall stays under this."""
 SWAP_MARGIN = 0.03
 """How much faster, as a fraction of the step, ``auto``'s best plan that swaps must be predicted than
 its best plan that fits without swapping, to be taken over it. A swap's cost is predicted less surely
 than a recompute's: on one H200 swap plans measured 1-16% over their predicted step (GPT-2 large,
 bf16, batch 16; more under FSDP), recompute-only plans within 1%."""
-"""Plans that swap more leading blocks are tried while the predicted backward stall stays under this."""
 
 
 def plan_auto(work: Workload, budget: int, *, swap: bool = True) -> Plan:
