@@ -76,7 +76,7 @@ def test_out_of_memory_in_a_step_says_what_to_change_and_the_next_step_runs(plan
 
 
 def test_too_little_host_ram_for_the_swaps_recomputes_instead_with_a_warning() -> None:
-    """Wide layers, so that recomputing costs a clear share of the step and swapping (free at this
+    """Eight wide layers, so that recomputing costs a clear share of the step and swapping (free at this
     bandwidth) gains more than the planner's ``SWAP_MARGIN`` when host RAM allows it."""
     torch.manual_seed(0)
     model = Net(width=512, depth=8)
