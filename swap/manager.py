@@ -196,6 +196,10 @@ class ActivationManager:
 
         Calling it again with the same model does nothing; :meth:`unwrap` undoes it.
 
+        Warning:
+            Blocks compiled in place (``module.compile()``) are wrapped with one warning: the profiling
+            step and per-op plans run them eagerly, so those steps' gradients are eager PyTorch's.
+
         Raises:
             ValueError: if no blocks are found (the message says how to name them), if ``blocks`` are
                 not modules of ``model`` or one lies inside another, if the blocks are already wrapped
@@ -242,6 +246,17 @@ class ActivationManager:
                 f"model.gradient_checkpointing_disable() (activation_checkpointing_disable() in newer "
                 f"transformers) before wrapping; deltaswap turns the KV cache off in training steps, as "
                 f"HF's checkpointing does."
+            )
+        compiled = [names[id(b)] for b in blocks if _compiled_in_place(b)]
+        if compiled:
+            warnings.warn(
+                f"deltaswap: {len(compiled)} block(s) of {type(model).__name__} ({compiled[0]} first) are "
+                f"compiled in place (module.compile()). deltaswap's profiling step and its per-op plans run "
+                f"them eagerly, under dispatch modes that torch.compile does not trace, so those steps' "
+                f"gradients are eager PyTorch's, not the compiled blocks' (they differ in rounding). Wrap "
+                f"the uncompiled blocks for gradients equal to training without deltaswap.",
+                UserWarning,
+                stacklevel=2,
             )
         ids = {id(b) for b in blocks}
         apply_activation_checkpointing(
@@ -904,6 +919,12 @@ def _remove_orphaned_wrappers(model: nn.Module) -> None:
             ref = getattr(runner, "manager", None)
             if isinstance(child, CheckpointWrapper) and isinstance(ref, weakref.ref) and ref() is None:
                 setattr(parent, child_name, child._checkpoint_wrapped_module)
+
+
+def _compiled_in_place(block: nn.Module) -> bool:
+    """Whether ``block``, or a module inside it, was compiled with ``module.compile()`` (which compiles
+    the module's call in place rather than wrapping it in an ``OptimizedModule``)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in block.modules())
 
 
 def _first_grad_tensor(values: Sequence[Any]) -> torch.Tensor | None:

@@ -5,6 +5,7 @@ nothing behind, and a soak of variable sequence lengths with flat pinned memory 
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -129,6 +130,19 @@ def test_a_compiled_model_is_refused_with_what_to_do() -> None:
     model.blocks[1] = torch.compile(model.blocks[1])
     with pytest.raises(ValueError, match="uncompiled model"):
         manager().wrap(model)
+
+
+def test_blocks_compiled_in_place_are_wrapped_with_one_warning_that_they_run_eagerly_in_profiling() -> None:
+    model = GPT(CFG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # uncompiled blocks: no warning
+        manager().wrap(model)
+    model = GPT(CFG)
+    model.blocks[1].attn.compile()  # a module inside a block, compiled in place
+    with pytest.warns(UserWarning, match=r"1 block\(s\) of GPT \(blocks\.1 first\) are compiled in place"):
+        mgr = manager()
+        mgr.wrap(model)
+    assert mgr.block_names == ["blocks.0", "blocks.1", "blocks.2"]
 
 
 def test_keyboard_interrupt_mid_step_leaves_no_hooks_and_no_pinned_memory() -> None:
