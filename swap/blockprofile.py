@@ -8,13 +8,15 @@ other arguments and the shapes of its parameters (:func:`block_kind`). The first
 plainly, to measure what autograd saves for it, and has its non-tensor arguments watched for in-place changes
 (:mod:`~deltaswap.swap.arguments`); every later call of a kind seen before runs checkpointed, with
 everything recomputed (the least memory). Every call's ops are timed and their output bytes recorded
-(:class:`~deltaswap.swap.profile.OpProfiler`), so each block call is planned from its own costs.
+(:class:`~deltaswap.swap.profile.OpProfiler`), so each block call is planned from its own costs. A
+compiled block (``torch.compile``) runs compiled in both cases and is timed whole, as one op.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,8 +27,16 @@ from torch.utils._pytree import tree_leaves
 
 from .arguments import check_unchanged, watched_arguments
 from .planner import BlockCost
-from .profile import OpProfiler
-from .recompute import LocalStore, OpDecision, SavedStore, _Frame, _RecordingMode, checkpoint_with_policy
+from .profile import COMPILED_OP, OpProfiler
+from .recompute import (
+    LocalStore,
+    OpDecision,
+    SavedStore,
+    _Frame,
+    _RecordingMode,
+    checkpoint_all,
+    checkpoint_with_policy,
+)
 from .step import held_elsewhere
 
 
@@ -116,10 +126,14 @@ class BlockProfile:
         return len(self._kinds)
 
     def run(self, call: int, block: nn.Module, name: str, store: SavedStore | None,
-            *args: Any, **kwargs: Any) -> Any:
+            compiled: Callable[..., Any] | None, *args: Any, **kwargs: Any) -> Any:
         """Run block call number ``call`` (of module ``block``, named ``name``) under the profiler: plainly
         if it is the first of its kind, else checkpointed with everything recomputed (its stored outputs,
         none, would go to ``store``).
+
+        ``compiled``, if not ``None``, runs the block compiled (``torch.compile``): each call then runs as it
+        will in training, timed whole as one op that cannot be stored (its ops run inside the graph,
+        where no dispatch mode sees them), so the block is planned whole.
 
         Raises:
             ValueError: if the block changed a non-tensor argument in place (see
@@ -142,15 +156,21 @@ class BlockProfile:
             structure = self._structures[id(block)] = block_structure(block)
         kind = block_kind(block, args, kwargs, structure)
         if kind in self._kinds:
-            out = checkpoint_with_policy(block, *args, policy=recompute_all, store=store, profiler=self.ops,
-                                         fn_kwargs=kwargs)
+            if compiled is None:
+                out = checkpoint_with_policy(block, *args, policy=recompute_all, store=store,
+                                             profiler=self.ops, fn_kwargs=kwargs)
+            else:
+                out = self.ops.whole(COMPILED_OP, partial(checkpoint_all, compiled, *args, fn_kwargs=kwargs))
             outputs = _tensors(tree_leaves(out))
         else:
             watched = watched_arguments(args, kwargs)
             saved = SavedBytes()  # what the engine would keep or swap
-            frame = _Frame(recompute_all, LocalStore(), self.ops)
-            with saved.hooks(), _RecordingMode(frame):
-                out = block(*args, **kwargs)
+            with saved.hooks():
+                if compiled is None:
+                    with _RecordingMode(_Frame(recompute_all, LocalStore(), self.ops)):
+                        out = block(*args, **kwargs)
+                else:
+                    out = self.ops.whole(COMPILED_OP, partial(compiled, *args, **kwargs))
             check_unchanged(watched, args, kwargs, name, block)
             outputs = _tensors(tree_leaves(out))
             self._kinds[kind] = saved.total

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 _UNITS: dict[str, int] = {
     "": 1,
@@ -122,6 +123,11 @@ class OffloadConfig:
 
 POLICIES = ("auto", "delta", "swap", "recompute", "keep")
 
+COMPILE_ARGUMENTS = frozenset({"fullgraph", "dynamic", "backend", "mode", "options"})
+"""The ``torch.compile`` keyword arguments :attr:`SwapConfig.compile` may hold."""
+CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
+"""``torch.compile`` modes that capture CUDA graphs."""
+
 UNLIMITED = 1 << 62
 """The budget planned with where there is no device memory to fit (a CPU run without a given size)."""
 
@@ -201,6 +207,16 @@ class SwapConfig:
     host_ram_reserve: int | str = "2GiB"
     """Host RAM the pinned pool always leaves free."""
 
+    compile: bool | dict[str, Any] = False
+    """Compile each block with ``torch.compile`` after wrapping it (regional compilation, one graph for
+    blocks that run alike): ``True`` with torch's defaults, or a dict of ``torch.compile`` keyword
+    arguments (``{"mode": "max-autotune-no-cudagraphs"}``, ``{"backend": "aot_eager"}``). A compiled
+    block is profiled as it runs (one call, timed whole) and planned whole: kept, swapped (its saved
+    tensors through the engine's hooks, outside the graph) or recomputed, never with per-op outputs
+    stored. The model itself stays uncompiled (compile its blocks this way instead of the whole model).
+    CUDA graphs (``mode="reduce-overhead"`` or ``"max-autotune"``) are refused: they hold activations in
+    static memory that nothing can swap or free."""
+
     def __post_init__(self) -> None:
         budget = self.memory_budget
         if isinstance(budget, float):
@@ -224,7 +240,34 @@ class SwapConfig:
         if self.bandwidth_gbps is not None and not self.bandwidth_gbps > 0:
             raise ValueError(f"bandwidth_gbps={self.bandwidth_gbps} must be a positive rate in GB/s")
         self.min_bytes = parse_bytes(self.min_bytes, name="min_bytes")
+        self.compile_options()  # validates the compile options
         self.offload_config()  # validates the engine's fields with the engine's messages
+
+    def compile_options(self) -> dict[str, Any] | None:
+        """The keyword arguments for ``torch.compile`` of each block, or ``None`` if blocks are not
+        compiled.
+
+        Raises:
+            TypeError: if :attr:`compile` is neither a bool nor a dict with string keys.
+            ValueError: if it asks for an unknown ``torch.compile`` argument or for CUDA graphs.
+        """
+        options = self.compile
+        if isinstance(options, bool):
+            return {} if options else None
+        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+            raise TypeError(f"compile must be True, False or a dict of torch.compile keyword arguments, "
+                            f"got {options!r}")
+        unknown = sorted(set(options) - COMPILE_ARGUMENTS)
+        if unknown:
+            raise ValueError(f"compile={options!r}: {', '.join(unknown)} is not a torch.compile argument "
+                             f"deltaswap passes on; use {', '.join(sorted(COMPILE_ARGUMENTS))}")
+        inner = options.get("options") or {}
+        if options.get("mode") in CUDA_GRAPH_MODES or inner.get("triton.cudagraphs"):
+            raise ValueError(
+                f"compile={options!r} asks for CUDA graphs, which keep every activation in static memory "
+                f"that deltaswap can neither swap nor free: use mode='max-autotune-no-cudagraphs' or "
+                f"'default'")
+        return dict(options)
 
     def offload_config(self) -> OffloadConfig:
         """The engine's configuration for these settings."""

@@ -126,8 +126,9 @@ class ActivationManager:
     .. warning::
         The wrapped blocks are replaced by torch's ``CheckpointWrapper`` (state-dict keys unchanged).
         In training steps the blocks' KV-cache arguments are turned off (one warning), and a block that
-        changes a non-tensor argument in place is refused. A block whose ops change with the data
-        (not only with the shapes) is profiled again each time they change.
+        changes a non-tensor argument in place is refused. Compiled blocks
+        (``SwapConfig(compile=True)``) are planned whole: kept, swapped or recomputed. A block whose ops
+        change with the data (not only with the shapes) is profiled again each time they change.
     """
 
     def __init__(
@@ -183,6 +184,9 @@ class ActivationManager:
         self._name_of: dict[int, str] = {}
         self._last_model: weakref.ref[nn.Module] | None = None
         self._originals: list[tuple[nn.Module, str, nn.Module]] = []
+        self._compiled: dict[int, Callable[..., Any]] = {}  # block id -> what runs it compiled
+        self._warmed: set[tuple[Any, ...]] = set()  # input shapes the compiled blocks have run with
+        self._warming = False
 
     # -- setup --------------------------------------------------------------------------------------
     def wrap(self, model: nn.Module, blocks: Sequence[nn.Module] | None = None) -> nn.Module:
@@ -196,16 +200,24 @@ class ActivationManager:
 
         Calling it again with the same model does nothing; :meth:`unwrap` undoes it.
 
+        With ``SwapConfig(compile=...)`` each block is compiled with ``torch.compile`` (the model's own
+        modules stay as they are); blocks already compiled (``block.compile()``, or an
+        ``OptimizedModule`` as the block) are taken as they are. Compiled blocks are profiled as they
+        run and planned whole (keep, swap or recompute); the first step of each input shape compiles
+        them and is not timed.
+
         Warning:
-            Blocks compiled in place (``module.compile()``) are wrapped with one warning: the profiling
-            step and per-op plans run them eagerly, so those steps' gradients are eager PyTorch's.
+            Blocks with modules inside them compiled in place (but not compiled themselves) are wrapped
+            with one warning: the profiling step and per-op plans run those modules eagerly, so those
+            steps' gradients are eager PyTorch's.
 
         Raises:
             ValueError: if no blocks are found (the message says how to name them), if ``blocks`` are
                 not modules of ``model`` or one lies inside another, if the blocks are already wrapped
                 by another manager or by torch's ``checkpoint_wrapper``, if Hugging Face gradient
-                checkpointing is on, if this manager already wraps another model, or if the model (or a
-                part of it) is compiled with ``torch.compile``.
+                checkpointing is on, if this manager already wraps another model, or if the model is
+                compiled as a whole with ``torch.compile`` (or a compiled part of it is not a block):
+                the message says to compile the blocks instead.
         """
         if self._model is model:
             return model
@@ -215,16 +227,28 @@ class ActivationManager:
         if self._model is not None:
             raise ValueError("this ActivationManager already wraps another model: use one manager per model, "
                              "or call unwrap() first")
-        if any(isinstance(m, OptimizedModule) for m in model.modules()):
+        if isinstance(model, OptimizedModule):
             raise ValueError(
-                "deltaswap runs the model eagerly (its per-op plan runs in dispatch modes that "
-                "torch.compile does not trace): wrap the uncompiled model and do not compile it, or "
-                "compile without deltaswap"
+                f"{type(model._orig_mod).__name__} is compiled as a whole with torch.compile: deltaswap "
+                f"plans and runs its blocks one by one, which a whole-model graph hides. Wrap the "
+                f"uncompiled model and compile its blocks: SwapConfig(compile=True) (SwapStrategy(compile="
+                f"True), DeltaSwapPlugin(compile=True)), or block.compile() on each block before wrapping."
             )
         _remove_orphaned_wrappers(model)
         names = {id(m): name for name, m in model.named_modules()}
         blocks = list(blocks) if blocks is not None else find_blocks(model, self.config.block_types)
         _check_given_blocks(blocks, names)
+        ids = {id(b) for b in blocks}
+        parts = [name for name, m in model.named_modules()
+                 if isinstance(m, OptimizedModule) and id(m) not in ids]
+        if parts:
+            raise ValueError(
+                f"{parts[0]} of {type(model).__name__} is compiled with torch.compile but is not one of the "
+                f"blocks deltaswap plans ({describe_blocks([names[id(b)] for b in blocks], blocks)}): "
+                f"wrap the uncompiled model and compile the blocks, with SwapConfig(compile=True) or "
+                f"block.compile() on each block, or pass the compiled modules as the blocks "
+                f"(mgr.wrap(model, blocks=[...]))."
+            )
         if any(isinstance(b, CheckpointWrapper) or _CHECKPOINT_WRAPPED_MODULE in names[id(b)].split(".")
                for b in blocks):
             raise ValueError(
@@ -247,18 +271,24 @@ class ActivationManager:
                 f"transformers) before wrapping; deltaswap turns the KV cache off in training steps, as "
                 f"HF's checkpointing does."
             )
-        compiled = [names[id(b)] for b in blocks if _compiled_in_place(b)]
-        if compiled:
+        options = self.config.compile_options()
+        inner = [names[id(b)] for b in blocks if not _compiled_whole(b) and _compiled_in_place(b)]
+        if inner and options is None:
             warnings.warn(
-                f"deltaswap: {len(compiled)} block(s) of {type(model).__name__} ({compiled[0]} first) are "
-                f"compiled in place (module.compile()). deltaswap's profiling step and its per-op plans run "
-                f"them eagerly, under dispatch modes that torch.compile does not trace, so those steps' "
-                f"gradients are eager PyTorch's, not the compiled blocks' (they differ in rounding). Wrap "
-                f"the uncompiled blocks for gradients equal to training without deltaswap.",
+                f"deltaswap: {len(inner)} block(s) of {type(model).__name__} ({inner[0]} first) are "
+                f"compiled in place in parts (module.compile() on modules inside them). deltaswap's "
+                f"profiling step and its per-op plans run those eagerly, under dispatch modes that "
+                f"torch.compile does not trace, so those steps' gradients are eager PyTorch's, not the "
+                f"compiled modules' (they differ in rounding). Compile the blocks themselves "
+                f"(SwapConfig(compile=True), or block.compile() on each block): compiled blocks are "
+                f"planned whole and always run "
+                f"compiled.",
                 UserWarning,
                 stacklevel=2,
             )
-        ids = {id(b) for b in blocks}
+        compiled = {id(b): b for b in blocks if _compiled_whole(b)}
+        if options is not None:  # the blocks compiled whole already run as they are
+            compiled.update({id(b): torch.compile(b, **options) for b in blocks if id(b) not in compiled})
         apply_activation_checkpointing(
             model,
             checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_fn=_block_runner(self)),
@@ -271,6 +301,7 @@ class ActivationManager:
             if isinstance(child, CheckpointWrapper) and id(child._checkpoint_wrapped_module) in ids
         ]
         self._blocks, self._model = blocks, model
+        self._compiled = compiled
         self._last_model = weakref.ref(model)
         self._names = [names[id(b)] for b in blocks]
         self._name_of = {id(b): names[id(b)] for b in blocks}
@@ -284,7 +315,7 @@ class ActivationManager:
         for parent, child_name, wrapper in self._originals:
             setattr(parent, child_name, wrapper._checkpoint_wrapped_module)
         self._originals, self._model, self._blocks, self._names = [], None, [], []
-        self._name_of = {}
+        self._name_of, self._compiled = {}, {}
         return model
 
     def close(self) -> None:
@@ -322,6 +353,9 @@ class ActivationManager:
             if config.offload_config() != self.config.offload_config():
                 raise ValueError("replan can change the budget, policy, block types and bandwidth; the "
                                  "engine settings (min_bytes, look-ahead, pool) need a new manager")
+            if self._model is not None and config.compile_options() != self.config.compile_options():
+                raise ValueError("replan cannot change compile while a model is wrapped: call unwrap(), "
+                                 "then wrap the model again under the new config")
             self.config = config
         self._plans.clear()
         self._works.clear()
@@ -371,7 +405,7 @@ class ActivationManager:
         for key in self._stale:  # a block ran other ops than profiled: profile that shape again
             self._forget(key)
         self._stale.clear()
-        self._call, self._step_plan, self._profile = 0, None, None
+        self._call, self._step_plan, self._profile, self._warming = 0, None, None, False
         self._backward_mark = None
         pool_before = self._offloader.pinned_bytes_reserved
         self._step_clean = False
@@ -394,6 +428,8 @@ class ActivationManager:
                 raise torch.OutOfMemoryError(self._out_of_memory(err)) from err
             finally:
                 self._in_step = False
+                if self._warming:  # the compiled blocks have run with this shape: the next step profiles
+                    self._warmed.add(self._key)
                 if self._check is not None:  # armed in this step: a floor for its peak
                     self._check.floor = torch.cuda.memory_allocated() - self._baseline
                 self._engine, self._engine_ran, self._counted = None, self._engine_on, None
@@ -475,7 +511,8 @@ class ActivationManager:
 
         Raises:
             RuntimeError: if no step has been profiled yet.
-            ValueError: if ``blocks`` does not have one entry per block call.
+            ValueError: if ``blocks`` does not have one entry per block call, or stores op outputs of a
+                compiled block.
         """
         work = self.workload
         if work is None:
@@ -486,6 +523,12 @@ class ActivationManager:
             if len(blocks) != len(work.blocks):
                 raise ValueError(f"use_plan needs one BlockPlan per block call: got {len(blocks)} for "
                                  f"{len(work.blocks)} block calls")
+            stored = next((k for k, (b, c) in enumerate(zip(blocks, work.blocks, strict=True))
+                           if c.compiled and b.per_op), None)
+            if stored is not None:
+                name = work.block_names[stored] if stored < len(work.block_names) else "?"
+                raise ValueError(f"block call {stored} ({name}) runs compiled: it is planned whole (keep, "
+                                 f"swap, or checkpoint storing nothing), so its plan cannot store op outputs")
             self._manual[self._key] = tuple(blocks)
         self._store_plan(self._key, work, warn=blocks is None)  # a plan given by hand: the user's call
         assert self._plan is not None
@@ -516,31 +559,35 @@ class ActivationManager:
 
     # -- the block runner ---------------------------------------------------------------------------
     def _run_block(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        compiled = self._compiled.get(id(block))
+        run = compiled if compiled is not None else block
         if not self._in_step or not torch.is_grad_enabled():
-            return block(*args, **kwargs)  # evaluation, no_grad, or outside a step: untouched
+            return run(*args, **kwargs)  # evaluation, no_grad, or outside a step: untouched
         args, kwargs = self._without_cache(block, args, kwargs)
         call = self._call
         self._call += 1
         if call == 0:
             self._first_block(args, kwargs)
         plan = self._step_plan
+        if self._warming:  # compiling for this shape, with the least memory; nothing timed
+            return checkpoint_all(run, *args, fn_kwargs=kwargs)
         if plan is None:
-            return self._profile_block(call, block, *args, **kwargs)
+            return self._profile_block(call, block, compiled, *args, **kwargs)
         if call >= len(plan.blocks):  # more block calls than when this shape was profiled: least memory
             self._diverged(self._key, self._name_of.get(id(block), "?"))
             with self._offloader.swapping(False):
-                return checkpoint_all(block, *args, fn_kwargs=kwargs)
+                return checkpoint_all(run, *args, fn_kwargs=kwargs)
         bp = plan.blocks[call]
         if bp.mode is BlockMode.CHECKPOINT:
             with self._offloader.swapping(bp.swap_input):
-                if not bp.per_op:  # nothing stored: torch's checkpoint alone, no per-op Python
-                    return checkpoint_all(block, *args, fn_kwargs=kwargs)
+                if not bp.per_op or compiled is not None:  # nothing stored: torch's checkpoint alone
+                    return checkpoint_all(run, *args, fn_kwargs=kwargs)
                 return checkpoint_with_policy(block, *args, policy=self._op_policy(call, bp, block),
                                               store=self._offloader.store, fn_kwargs=kwargs)
         if bp.mode is BlockMode.KEEP and not self._engine_on:
-            return block(*args, **kwargs)
+            return run(*args, **kwargs)
         with self._offloader.swapping(bp.mode is BlockMode.SWAP):
-            return block(*args, **kwargs)
+            return run(*args, **kwargs)
 
     def _first_block(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """At the step's first block call: find the plan of this input shape, or begin profiling it."""
@@ -549,6 +596,8 @@ class ActivationManager:
         if self._step_plan is not None:
             self._plans.move_to_end(self._key)
             self._plan = self._step_plan
+        elif self._compiled and self._key not in self._warmed:
+            self._warming = True  # compiling takes seconds: profile at the next step of this shape
         else:
             self._profile = BlockProfile("cuda" if self._on_cuda() else "cpu")
         first = _first_grad_tensor(args)
@@ -626,7 +675,8 @@ class ActivationManager:
         self._check = self._peaks.arm(key, plan, self._baseline, grads_held=grads)
         return self._check
 
-    def _profile_block(self, call: int, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def _profile_block(self, call: int, block: nn.Module, compiled: Callable[..., Any] | None,
+                       *args: Any, **kwargs: Any) -> Any:
         profile = self._profile
         assert profile is not None
         if call == 0 and self._on_cuda():
@@ -638,7 +688,7 @@ class ActivationManager:
         inside = self._counted.in_block() if self._counted is not None else contextlib.nullcontext()
         with self._offloader.swapping(False), inside:
             out = profile.run(call, block, self._name_of.get(id(block), type(block).__name__),
-                              self._offloader.store, *args, **kwargs)
+                              self._offloader.store, compiled, *args, **kwargs)
         last = _first_grad_tensor(tree_leaves(out))
         if self._on_cuda() and last is not None:
             last.register_hook(weakly(self._head_done, profile))  # the last block's fires first
@@ -919,6 +969,12 @@ def _remove_orphaned_wrappers(model: nn.Module) -> None:
             ref = getattr(runner, "manager", None)
             if isinstance(child, CheckpointWrapper) and isinstance(ref, weakref.ref) and ref() is None:
                 setattr(parent, child_name, child._checkpoint_wrapped_module)
+
+
+def _compiled_whole(block: nn.Module) -> bool:
+    """Whether calling ``block`` runs it compiled: an ``OptimizedModule`` (``torch.compile(block)``), or
+    compiled in place (``block.compile()``)."""
+    return isinstance(block, OptimizedModule) or getattr(block, "_compiled_call_impl", None) is not None
 
 
 def _compiled_in_place(block: nn.Module) -> bool:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 
 from .config import format_budget, format_bytes
 from .hostcost import NO_HOST_COST, HostCost
-from .profile import Bandwidth, OpRecord
+from .profile import COMPILED_OP, Bandwidth, OpRecord
 from .recompute import OpDecision, OpPolicy
 
 BACKWARD_RATIO = 2.0
@@ -88,6 +88,11 @@ class BlockCost:
     saved_inputs: tuple[tuple[int, int], ...] = ()
     """The storages of the inputs it saves when it runs plainly, as ``(id, bytes counted)`` with
     :attr:`input_storages`' ids."""
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the call ran compiled (profiled whole, as one op that cannot be stored)."""
+        return len(self.ops) == 1 and self.ops[0].op == COMPILED_OP
 
     @functools.cached_property
     def forward_ms(self) -> float:

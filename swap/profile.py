@@ -9,6 +9,7 @@ records the bytes of its output.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +156,10 @@ def copy_slowdown(to_host: tuple[torch.Tensor, torch.Tensor], to_device: tuple[t
     return max(0.0, ratios[len(ratios) // 2])
 
 
+COMPILED_OP = "compiled block"
+"""The name of the one op a compiled block call is profiled as (:meth:`OpProfiler.whole`)."""
+
+
 @dataclass(frozen=True)
 class OpRecord:
     """One op of one block call, as measured in the profiling step."""
@@ -218,6 +223,15 @@ class OpProfiler:
         tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)] if storable else []
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         self._calls[call].append((index, str(op), nbytes, storable, start, end))
+
+    def whole(self, name: str, run: Callable[[], Any]) -> Any:
+        """Run ``run()`` as a new block call timed as one op named ``name``, not storable (a compiled
+        block, whose ops run inside its graph where no dispatch mode sees them); returns its result."""
+        call = self.new_call()
+        start = self._mark()
+        out = run()
+        self._calls[call].append((0, name, 0, False, start, self._mark()))
+        return out
 
     def blocks(self) -> list[list[OpRecord]]:
         """The records of every block call (waits for the timing events)."""
