@@ -13,7 +13,15 @@ GPT-style decoder (bf16 autocast, SDPA attention, fused AdamW) under:
 - ``ds_swap``, ``ds_recompute``, ``ds_delta``: deltaswap's ActivationManager with that policy;
 - ``auto_mid``, ``auto_sac``, ``auto_ckpt``, ``auto_min``: the ``auto`` policy with the budget midway
   between plain's and sac_matmul's measured peaks, at sac_matmul's, at checkpoint's, and as small as it
-  goes (those modes must run first, in the same process).
+  goes (those modes must run first, in the same process);
+- ``compiled``: every block compiled with ``torch.compile`` (inductor, regional: one graph for the
+  blocks), nothing else; ``tc_budget50``, ``tc_budget20``: the same with torch.compile's own activation
+  memory budget (``torch._functorch.config.activation_memory_budget`` 0.5 and 0.2: its partitioner
+  recomputes inside each block's graph, and swaps nothing);
+- ``dsc_at50``, ``dsc_at20``, ``dsc_min``: deltaswap with ``SwapConfig(compile=True)`` (the same
+  compiled blocks, planned whole: kept, swapped or recomputed), ``auto`` at the measured peak of
+  ``tc_budget50``, of ``tc_budget20`` (those must run first), and as small as it goes. Each compiled mode
+  compiles anew (``torch._dynamo.reset()``); its warm-up steps hold the compilation.
 
 With ``--fsdp``, the model is wrapped in FSDP on this one GPU, each block a unit, as Lightning's
 ``FSDPStrategy(auto_wrap_policy={Block})`` wraps it (one rank: a process group of one). ``plain`` is then
@@ -39,6 +47,7 @@ Launch::
     python examples/benchmark.py --modes plain swap_first2 --steps 10
     python examples/benchmark.py --fsdp --preset gpt2-large --batch-size 16 \
         --modes plain checkpoint ds_recompute auto_ckpt auto_min
+    python examples/benchmark.py --modes plain compiled tc_budget50 tc_budget20 dsc_at50 dsc_at20 dsc_min
 """
 
 from __future__ import annotations
@@ -78,10 +87,16 @@ GiB = 1 << 30
 MODES = (
     "plain", "checkpoint", "sac_matmul", "swap_first2", "swap_all", "save_on_cpu", "engine_only",
     "ds_swap", "ds_recompute", "ds_delta", "auto_mid", "auto_sac", "auto_ckpt", "auto_min",
+    "compiled", "tc_budget50", "tc_budget20", "dsc_at50", "dsc_at20", "dsc_min",
 )
 DEFAULT_MODES = ("plain", "checkpoint", "sac_matmul", "swap_first2", "swap_all", "save_on_cpu",
                  "ds_recompute", "ds_delta", "ds_swap", "auto_mid", "auto_sac", "auto_ckpt", "auto_min")
 FSDP_MODES = ("plain", "checkpoint", "ds_swap", "ds_recompute", "ds_delta", "auto_ckpt", "auto_min")
+COMPILED_MODES = ("compiled", "tc_budget50", "tc_budget20", "dsc_at50", "dsc_at20", "dsc_min")
+TC_BUDGETS = {"compiled": 1.0, "tc_budget50": 0.5, "tc_budget20": 0.2}
+"""torch.compile's ``activation_memory_budget`` of each torch.compile mode."""
+DSC_PEERS = {"dsc_at50": "tc_budget50", "dsc_at20": "tc_budget20", "dsc_min": None}
+"""The torch.compile mode whose measured peak is each compiled deltaswap mode's budget."""
 aten = torch.ops.aten
 SAC_SAVED = {
     aten.mm.default, aten.addmm.default, aten.bmm.default,
@@ -315,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fsdp and any(m not in FSDP_MODES for m in args.modes):
         parser.error(f"--fsdp runs only the modes {', '.join(FSDP_MODES)}")
+    if args.grid and any(m in COMPILED_MODES for m in args.modes):
+        parser.error("--grid plans the uncompiled blocks: run the compiled modes without it")
     if not torch.cuda.is_available():
         print("benchmark.py measures PCIe and GPU step times: it needs a CUDA device.", file=sys.stderr)
         return 2
@@ -349,6 +366,15 @@ def main(argv: list[str] | None = None) -> int:
         manager.wrap(net)  # outside manager.step() the wrapped blocks run plainly
     results: dict[str, Any] = {}
     for mode in args.modes:
+        if mode in COMPILED_MODES:
+            if manager is not None:
+                manager.unwrap()  # the compiled modes compile the blocks themselves
+            result = run_compiled_mode(mode, model, optimizer, batch, results, args, lookahead)
+            if manager is not None:
+                manager.wrap(net)
+            if result is not None:
+                results[mode] = result
+            continue
         offloader: ActivationOffloader | None = None
         if not args.fsdp:  # under FSDP, checkpoint trains the copy FSDP checkpoints itself
             model.block_runner = {"checkpoint": _checkpoint_block, "sac_matmul": _sac_block}.get(mode)
@@ -404,6 +430,45 @@ def main(argv: list[str] | None = None) -> int:
     }, indent=2))
     print(f"wrote {args.out}")
     return 0
+
+
+def run_compiled_mode(
+    mode: str,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    results: dict[str, Any],
+    args: argparse.Namespace,
+    lookahead: float | str,
+) -> dict[str, Any] | None:
+    """One of :data:`COMPILED_MODES`, compiled anew (None if the peak its budget needs is missing)."""
+    torch._dynamo.reset()  # each mode compiles with its own settings
+    if mode in DSC_PEERS:
+        peer = DSC_PEERS[mode]
+        if peer is not None and peer not in results:
+            print(f"  {mode:<12} skipped: needs the peak of {peer} first")
+            return None
+        budget = int(results[peer]["act_peak_gib"] * GiB) if peer is not None else 1
+        manager = ActivationManager(SwapConfig(min_bytes=args.min_bytes, prefetch_lookahead=lookahead,
+                                               memory_budget=budget, compile=True))
+        manager.wrap(model)
+        try:  # warm-up: compiling, profiling, the first plan, its re-plan
+            result = run_mode(mode, model, optimizer, batch, manager.step, warmup=max(args.warmup, 4),
+                              steps=args.steps, profile=args.profile)
+            result["plan"] = _plan_summary(manager, budget)
+            result["engine"] = asdict(manager.stats.engine)
+        finally:
+            manager.unwrap()
+            manager.close()
+        return result
+    compiled = {id(b): torch.compile(b) for b in model.blocks}
+    model.block_runner = lambda block, h: compiled[id(block)](h)
+    try:
+        with torch._functorch.config.patch(activation_memory_budget=TC_BUDGETS[mode]):
+            return run_mode(mode, model, optimizer, batch, contextlib.nullcontext, warmup=max(args.warmup, 2),
+                            steps=args.steps, profile=args.profile)
+    finally:
+        model.block_runner = None
 
 
 def run_grid(
@@ -500,7 +565,7 @@ def summarize(results: dict[str, Any], bandwidth: dict[str, float]) -> dict[str,
                   f"{r['fwd_ms'] + r['bwd_ms']:8.1f}{plan['predicted_ms']:9.1f}", end="")
         print()
         summary[f"{mode}_x_plain"] = ratio
-    for mode in ("auto_mid", "auto_sac", "auto_ckpt", "auto_min"):  # is each budget a promise kept?
+    for mode in ("auto_mid", "auto_sac", "auto_ckpt", "auto_min", *DSC_PEERS):  # is each budget kept?
         if mode not in results:
             continue
         r, plan = results[mode], results[mode]["plan"]
