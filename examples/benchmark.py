@@ -443,6 +443,7 @@ def run_compiled_mode(
 ) -> dict[str, Any] | None:
     """One of :data:`COMPILED_MODES`, compiled anew (None if the peak its budget needs is missing)."""
     torch._dynamo.reset()  # each mode compiles with its own settings
+    model.block_runner = None  # not the checkpointing of an earlier mode
     if mode in DSC_PEERS:
         peer = DSC_PEERS[mode]
         if peer is not None and peer not in results:
