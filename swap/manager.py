@@ -301,7 +301,7 @@ class ActivationManager:
             if isinstance(child, CheckpointWrapper) and id(child._checkpoint_wrapped_module) in ids
         ]
         self._blocks, self._model = blocks, model
-        self._compiled = compiled
+        self._compiled, self._warmed = compiled, set()  # new compiled callables: each shape compiles
         self._last_model = weakref.ref(model)
         self._names = [names[id(b)] for b in blocks]
         self._name_of = {id(b): names[id(b)] for b in blocks}
