@@ -281,8 +281,7 @@ class ActivationManager:
                 f"torch.compile does not trace, so those steps' gradients are eager PyTorch's, not the "
                 f"compiled modules' (they differ in rounding). Compile the blocks themselves "
                 f"(SwapConfig(compile=True), or block.compile() on each block): compiled blocks are "
-                f"planned whole and always run "
-                f"compiled.",
+                f"planned whole and always run compiled.",
                 UserWarning,
                 stacklevel=2,
             )
