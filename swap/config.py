@@ -262,6 +262,9 @@ class SwapConfig:
             raise ValueError(f"compile={options!r}: {', '.join(unknown)} is not a torch.compile argument "
                              f"deltaswap passes on; use {', '.join(sorted(COMPILE_ARGUMENTS))}")
         inner = options.get("options") or {}
+        if not isinstance(inner, dict):
+            raise TypeError(f"compile={options!r}: 'options' must be a dict of inductor settings, got "
+                            f"{type(inner).__name__}")
         if options.get("mode") in CUDA_GRAPH_MODES or inner.get("triton.cudagraphs"):
             raise ValueError(
                 f"compile={options!r} asks for CUDA graphs, which keep every activation in static memory "

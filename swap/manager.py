@@ -227,9 +227,10 @@ class ActivationManager:
         if self._model is not None:
             raise ValueError("this ActivationManager already wraps another model: use one manager per model, "
                              "or call unwrap() first")
-        if isinstance(model, OptimizedModule):
+        if _compiled_whole(model):
+            whole = type(getattr(model, "_orig_mod", model)).__name__
             raise ValueError(
-                f"{type(model._orig_mod).__name__} is compiled as a whole with torch.compile: deltaswap "
+                f"{whole} is compiled as a whole with torch.compile: deltaswap "
                 f"plans and runs its blocks one by one, which a whole-model graph hides. Wrap the "
                 f"uncompiled model and compile its blocks: SwapConfig(compile=True) (SwapStrategy(compile="
                 f"True), DeltaSwapPlugin(compile=True)), or block.compile() on each block before wrapping."
@@ -239,8 +240,12 @@ class ActivationManager:
         blocks = list(blocks) if blocks is not None else find_blocks(model, self.config.block_types)
         _check_given_blocks(blocks, names)
         ids = {id(b) for b in blocks}
+        inside = {id(m) for b in blocks for m in b.modules() if m is not b}
+        # compiled modules that are not blocks: refused, unless inside a block (then run as part of it)
+        # or, compiled in place, holding no block (a compiled head: it runs outside the blocks)
         parts = [name for name, m in model.named_modules()
-                 if isinstance(m, OptimizedModule) and id(m) not in ids]
+                 if id(m) not in ids and id(m) not in inside and _compiled_whole(m)
+                 and (isinstance(m, OptimizedModule) or any(id(x) in ids for x in m.modules()))]
         if parts:
             raise ValueError(
                 f"{parts[0]} of {type(model).__name__} is compiled with torch.compile but is not one of the "
@@ -425,10 +430,11 @@ class ActivationManager:
                 yield self
             except torch.OutOfMemoryError as err:
                 raise torch.OutOfMemoryError(self._out_of_memory(err)) from err
-            finally:
-                self._in_step = False
+            else:
                 if self._warming:  # the compiled blocks have run with this shape: the next step profiles
                     self._warmed.add(self._key)
+            finally:
+                self._in_step = False
                 if self._check is not None:  # armed in this step: a floor for its peak
                     self._check.floor = torch.cuda.memory_allocated() - self._baseline
                 self._engine, self._engine_ran, self._counted = None, self._engine_on, None
@@ -463,6 +469,10 @@ class ActivationManager:
         Nothing is left behind: the next step (a smaller batch is a new shape, profiled again) runs."""
         first = str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory"
         plan = self._step_plan
+        if self._warming:
+            return (f"deltaswap: out of GPU memory in the first step of this input shape, which compiles "
+                    f"the blocks with every block checkpointed (the least memory deltaswap can train "
+                    f"with). Lower the batch size or the sequence length. ({first})")
         if plan is None:
             return (f"deltaswap: out of GPU memory in the profiling step of this input shape, which runs "
                     f"with the least memory deltaswap can profile with (the first block of each kind "
@@ -789,6 +799,7 @@ class ActivationManager:
         plan = self._plans.pop(key, None)
         if plan is not None and plan is self._plan:
             self._plan = None
+        self._warmed.discard(key)
         for cache in (self._works, self._calibrated, self._manual, self._expected):
             cache.pop(key, None)
         self._peaks.forget(key)
@@ -977,9 +988,9 @@ def _compiled_whole(block: nn.Module) -> bool:
 
 
 def _compiled_in_place(block: nn.Module) -> bool:
-    """Whether ``block``, or a module inside it, was compiled with ``module.compile()`` (which compiles
-    the module's call in place rather than wrapping it in an ``OptimizedModule``)."""
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in block.modules())
+    """Whether ``block``, or a module inside it, is compiled (``module.compile()``, which compiles the
+    module's call in place, or an ``OptimizedModule``)."""
+    return any(_compiled_whole(m) for m in block.modules())
 
 
 def _first_grad_tensor(values: Sequence[Any]) -> torch.Tensor | None:
