@@ -238,6 +238,7 @@ class ActivationManager:
         _remove_orphaned_wrappers(model)
         names = {id(m): name for name, m in model.named_modules()}
         blocks = list(blocks) if blocks is not None else find_blocks(model, self.config.block_types)
+        blocks = _compiled_wrappers(model, blocks, names)
         _check_given_blocks(blocks, names)
         ids = {id(b) for b in blocks}
         inside = {id(m) for b in blocks for m in b.modules() if m is not b}
@@ -979,6 +980,19 @@ def _remove_orphaned_wrappers(model: nn.Module) -> None:
             ref = getattr(runner, "manager", None)
             if isinstance(child, CheckpointWrapper) and isinstance(ref, weakref.ref) and ref() is None:
                 setattr(parent, child_name, child._checkpoint_wrapped_module)
+
+
+def _compiled_wrappers(model: nn.Module, blocks: list[nn.Module], names: dict[int, str]) -> list[nn.Module]:
+    """``blocks``, each block that a ``torch.compile`` wrapper holds (``model.layers[i] =
+    torch.compile(layer)``, found by its class through ``block_types``) replaced by that wrapper, which
+    is what the model calls."""
+    modules = dict(model.named_modules())
+    result = []
+    for block in blocks:
+        parent, _, last = names.get(id(block), "").rpartition(".")
+        wrapper = modules.get(parent) if last == "_orig_mod" else None
+        result.append(wrapper if isinstance(wrapper, OptimizedModule) else block)
+    return result
 
 
 def _compiled_whole(block: nn.Module) -> bool:

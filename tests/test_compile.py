@@ -23,7 +23,7 @@ from deltaswap.swap.planner import BlockMode, checkpoint_block, keep_block
 from deltaswap.swap.recompute import OpDecision
 
 from accelerate_helpers import train as accelerate_train
-from gpt import GPT, GPTConfig, random_batch
+from gpt import GPT, Block, GPTConfig, random_batch
 from helpers import assert_bitwise_equal
 from lightning_helpers import fit, params
 
@@ -141,6 +141,21 @@ def test_compiled_blocks_train_with_the_compiled_models_gradients_under_every_po
         assert plan.predicted_peak <= budget and modes != {BlockMode.KEEP}
     if BlockMode.SWAP in modes:
         assert mgr.stats.engine.bytes_offloaded > 0
+
+
+def test_blocks_named_by_class_inside_their_compile_wrappers_are_planned_as_the_wrappers() -> None:
+    data = batches(4)
+    expected = compiled_plain("aot_eager", data)
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    for k, block in enumerate(model.blocks):
+        model.blocks[k] = torch.compile(block, backend="aot_eager")
+    mgr = manager(policy="recompute", block_types=(Block,))
+    mgr.wrap(model)
+    assert mgr.block_names == [f"blocks.{k}" for k in range(CFG.n_layer)]
+    for want, have in zip(expected, train(model, data, mgr), strict=True):
+        assert_bitwise_equal(want, have)
+    assert mgr.workload is not None and all(b.compiled for b in mgr.workload.blocks)
 
 
 def test_a_failed_first_step_compiles_again_before_profiling() -> None:
