@@ -247,7 +247,7 @@ class ActivationManager:
         parts = [name for name, m in model.named_modules()
                  if id(m) not in ids and id(m) not in inside and _compiled_whole(m)
                  and (isinstance(m, OptimizedModule) or any(id(x) in ids for x in m.modules()))]
-        if parts:
+        if parts and blocks:  # (no blocks at all: the error below says how to name them)
             raise ValueError(
                 f"{parts[0]} of {type(model).__name__} is compiled with torch.compile but is not one of the "
                 f"blocks deltaswap plans ({describe_blocks([names[id(b)] for b in blocks], blocks)}): "
