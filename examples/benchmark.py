@@ -84,19 +84,19 @@ from deltaswap.swap.recompute import OpDecision
 from gpt import GPT, PRESETS, Block, random_batch
 
 GiB = 1 << 30
-MODES = (
-    "plain", "checkpoint", "sac_matmul", "swap_first2", "swap_all", "save_on_cpu", "engine_only",
-    "ds_swap", "ds_recompute", "ds_delta", "auto_mid", "auto_sac", "auto_ckpt", "auto_min",
-    "compiled", "tc_budget50", "tc_budget20", "dsc_at50", "dsc_at20", "dsc_min",
-)
-DEFAULT_MODES = ("plain", "checkpoint", "sac_matmul", "swap_first2", "swap_all", "save_on_cpu",
-                 "ds_recompute", "ds_delta", "ds_swap", "auto_mid", "auto_sac", "auto_ckpt", "auto_min")
-FSDP_MODES = ("plain", "checkpoint", "ds_swap", "ds_recompute", "ds_delta", "auto_ckpt", "auto_min")
-COMPILED_MODES = ("compiled", "tc_budget50", "tc_budget20", "dsc_at50", "dsc_at20", "dsc_min")
 TC_BUDGETS = {"compiled": 1.0, "tc_budget50": 0.5, "tc_budget20": 0.2}
 """torch.compile's ``activation_memory_budget`` of each torch.compile mode."""
 DSC_PEERS = {"dsc_at50": "tc_budget50", "dsc_at20": "tc_budget20", "dsc_min": None}
 """The torch.compile mode whose measured peak is each compiled deltaswap mode's budget."""
+COMPILED_MODES = (*TC_BUDGETS, *DSC_PEERS)
+MODES = (
+    "plain", "checkpoint", "sac_matmul", "swap_first2", "swap_all", "save_on_cpu", "engine_only",
+    "ds_swap", "ds_recompute", "ds_delta", "auto_mid", "auto_sac", "auto_ckpt", "auto_min",
+    *COMPILED_MODES,
+)
+DEFAULT_MODES = ("plain", "checkpoint", "sac_matmul", "swap_first2", "swap_all", "save_on_cpu",
+                 "ds_recompute", "ds_delta", "ds_swap", "auto_mid", "auto_sac", "auto_ckpt", "auto_min")
+FSDP_MODES = ("plain", "checkpoint", "ds_swap", "ds_recompute", "ds_delta", "auto_ckpt", "auto_min")
 aten = torch.ops.aten
 SAC_SAVED = {
     aten.mm.default, aten.addmm.default, aten.bmm.default,

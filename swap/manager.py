@@ -278,7 +278,7 @@ class ActivationManager:
                 f"HF's checkpointing does."
             )
         options = self.config.compile_options()
-        inner = [names[id(b)] for b in blocks if not _compiled_whole(b) and _compiled_in_place(b)]
+        inner = [names[id(b)] for b in blocks if not _compiled_whole(b) and _compiled_inside(b)]
         if inner and options is None:
             warnings.warn(
                 f"deltaswap: {len(inner)} block(s) of {type(model).__name__} ({inner[0]} first) are "
@@ -1001,7 +1001,7 @@ def _compiled_whole(block: nn.Module) -> bool:
     return isinstance(block, OptimizedModule) or getattr(block, "_compiled_call_impl", None) is not None
 
 
-def _compiled_in_place(block: nn.Module) -> bool:
+def _compiled_inside(block: nn.Module) -> bool:
     """Whether ``block``, or a module inside it, is compiled (``module.compile()``, which compiles the
     module's call in place, or an ``OptimizedModule``)."""
     return any(_compiled_whole(m) for m in block.modules())

@@ -216,7 +216,7 @@ class OpProfiler:
         """A mark before an op."""
         return self._mark()
 
-    def stop(self, call: int, index: int, op: torch._ops.OpOverload, out: Any, storable: bool,
+    def stop(self, call: int, index: int, op: torch._ops.OpOverload | str, out: Any, storable: bool,
              start: Any) -> None:
         """Record the op that ran since ``start``."""
         end = self._mark()
@@ -228,9 +228,9 @@ class OpProfiler:
         """Run ``run()`` as a new block call timed as one op named ``name``, not storable (a compiled
         block, whose ops run inside its graph where no dispatch mode sees them); returns its result."""
         call = self.new_call()
-        start = self._mark()
+        start = self.start()
         out = run()
-        self._calls[call].append((0, name, 0, False, start, self._mark()))
+        self.stop(call, 0, name, out, False, start)
         return out
 
     def blocks(self) -> list[list[OpRecord]]:
