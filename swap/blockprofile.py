@@ -119,6 +119,18 @@ class BlockProfile:
         self.head_mark: Any = None
         self.blocks_peak: int | None = None
         self.blocks_mark: Any = None
+        self.backward_peaks: list[tuple[int, int]] = []
+        """``(call, activation bytes at the peak of its backward)`` as each call's backward ended
+        (when its input got its gradient), in that order: the last call's first."""
+
+    def call_peaks(self) -> list[int] | None:
+        """The peak of each call's backward, in call order, if every call measured one and they came
+        in reverse call order (each block's backward after the next one's); else ``None`` (a block
+        whose input needs no gradient, or inputs shared between calls)."""
+        calls = [call for call, _ in self.backward_peaks]
+        if not calls or calls != list(range(len(self.inputs) - 1, -1, -1)):
+            return None
+        return [peak for _, peak in reversed(self.backward_peaks)]
 
     @property
     def kinds(self) -> int:

@@ -23,8 +23,10 @@ def calibrate(work: Workload, profile: BlockProfile, times: tuple[float, float],
     says by how much: :func:`forward_scale`), clamped to :data:`SCALE_LIMITS`. From the profiling step:
     the head's backward time and the blocks' backward-to-forward ratio (``times``: the head's and the
     blocks' backward in ms, zeros if its backward has not run); the activation bytes outside the blocks
-    (so its forward-end memory is predicted exactly), the head backward's transient memory, and an offset
-    for the blocks' backward peak.
+    (so its forward-end memory is predicted exactly), the head backward's transient memory, and, for the
+    blocks' backward, an offset per block call (what its backward's peak measured above the model's
+    figure there) where every call measured one, so that a plan is judged at the call where its peak
+    happens, and an offset for the blocks' backward peak as a whole.
 
     Example::
 
@@ -43,7 +45,13 @@ def calibrate(work: Workload, profile: BlockProfile, times: tuple[float, float],
         plans = profiling_plans(work)
         kept = sum(held_bytes(work, plans))
         work = replace(work, other_bytes=max(0, profile.forward_end - kept),
-                       head_transient=max(0, profile.head_peak - profile.forward_end), peak_offset=0)
+                       head_transient=max(0, profile.head_peak - profile.forward_end), peak_offset=0,
+                       blocks=tuple(replace(b, peak_offset=0) for b in work.blocks))
+        measured = profile.call_peaks()
+        if measured is not None and len(measured) == len(work.blocks):
+            model = simulate(work, plans).block_peaks
+            work = replace(work, blocks=tuple(replace(b, peak_offset=peak - predicted) for b, peak, predicted
+                                              in zip(work.blocks, measured, model, strict=True)))
         work = replace(work, peak_offset=profile.blocks_peak - simulate(work, plans).blocks_peak)
     return work
 

@@ -386,8 +386,9 @@ class ActivationManager:
             to :data:`~deltaswap.swap.calibration.PEAK_CHECKS`, while their plan is one no step has
             measured yet) reset the allocator's peak statistics
             (``torch.cuda.reset_peak_memory_stats``) at the first block: they measure their activation
-            peak against the plan's prediction. A ``torch.cuda.max_memory_allocated()`` read across
-            those steps sees the reset."""
+            peak against the plan's prediction. The profiling step also resets them as the head's
+            backward and each block's backward end (it measures the peak of each). A
+            ``torch.cuda.max_memory_allocated()`` read across those steps sees the resets."""
         if self._model is None:
             raise RuntimeError("call ActivationManager.wrap(model) before step()")
         param = next(self._model.parameters(), None)
@@ -689,12 +690,14 @@ class ActivationManager:
                        *args: Any, **kwargs: Any) -> Any:
         profile = self._profile
         assert profile is not None
-        if call == 0 and self._on_cuda():
-            profile.baseline = self._baseline
-            torch.cuda.reset_peak_memory_stats()
+        if self._on_cuda():
+            if call == 0:
+                profile.baseline = self._baseline
+                torch.cuda.reset_peak_memory_stats()
             first = _first_grad_tensor(args)
-            if first is not None:  # its gradient arrives at the end of the blocks' backward
-                first.register_hook(weakly(self._blocks_done, profile))
+            if first is not None:  # its gradient arrives when this call's backward ends (call 0: the blocks')
+                done = self._blocks_done if call == 0 else self._call_done
+                first.register_hook(weakly(done, profile, call))
         inside = self._counted.in_block() if self._counted is not None else contextlib.nullcontext()
         with self._offloader.swapping(False), inside:
             out = profile.run(call, block, self._name_of.get(id(block), type(block).__name__),
@@ -710,8 +713,15 @@ class ActivationManager:
             profile.head_mark = self._mark()
             torch.cuda.reset_peak_memory_stats()
 
-    def _blocks_done(self, profile: BlockProfile, grad: torch.Tensor) -> None:
-        profile.blocks_peak = torch.cuda.max_memory_allocated() - profile.baseline
+    def _call_done(self, profile: BlockProfile, call: int, grad: torch.Tensor) -> None:
+        """Call ``call``'s backward is done: the peak since the one after it (or the head) was done is
+        its own; the next call's is measured from here."""
+        profile.backward_peaks.append((call, torch.cuda.max_memory_allocated() - profile.baseline))
+        torch.cuda.reset_peak_memory_stats()
+
+    def _blocks_done(self, profile: BlockProfile, call: int, grad: torch.Tensor) -> None:
+        profile.backward_peaks.append((call, torch.cuda.max_memory_allocated() - profile.baseline))
+        profile.blocks_peak = max(peak for _, peak in profile.backward_peaks)
         profile.blocks_mark = self._mark()
 
     # -- planning -----------------------------------------------------------------------------------

@@ -88,6 +88,11 @@ class BlockCost:
     saved_inputs: tuple[tuple[int, int], ...] = ()
     """The storages of the inputs it saves when it runs plainly, as ``(id, bytes counted)`` with
     :attr:`input_storages`' ids."""
+    peak_offset: int = 0
+    """What the profiling step measured at the peak of this call's backward above what the model
+    predicts there for the profiling plan (gradients of activations, kernel workspaces, tensors freed
+    late: what the model does not see), added to the model's figure at this call in every plan, so
+    that the peak is predicted where it happens (0: not measured per call)."""
 
     @property
     def compiled(self) -> bool:
@@ -244,7 +249,8 @@ class Workload:
     backward_ratio: float = BACKWARD_RATIO
     peak_offset: int = 0
     """Added to the peak of the blocks' backward: what the profiling step measured there minus what the
-    model predicts for its plan (temporaries the model does not see)."""
+    model predicts for its plan (temporaries the model does not see), after each call's own
+    :attr:`BlockCost.peak_offset` (then it is about 0)."""
     peak_margin: int = 0
     """Added to every predicted peak: what the activation peak measured in a step that ran a plan came to
     above (or below: for ``auto`` by at most :data:`~deltaswap.swap.calibration.MARGIN_DOWN`) the
@@ -355,7 +361,11 @@ class Prediction:
     forward_end_bytes: int = 0
     """Activation bytes held when the forward pass ends."""
     blocks_peak: int = 0
-    """Peak during the blocks' backward, before ``peak_offset``."""
+    """Peak during the blocks' backward, with each call's :attr:`BlockCost.peak_offset` and before
+    :attr:`Workload.peak_offset`."""
+    block_peaks: tuple[int, ...] = ()
+    """The model's own activation bytes at each block call's backward, in call order, before any
+    offset: what :func:`~deltaswap.swap.calibration.calibrate` fits each call's offset against."""
     timeline: tuple[tuple[float, int], ...] = ()
     """``(ms since the step began, activation bytes)`` at each block's end in the forward, the forward's
     end, the head's backward, each block's start in the backward and the backward's end (then only the
@@ -477,15 +487,20 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     head_peak = forward_end_bytes + work.head_transient + early
     timeline.append((forward_end, head_peak))
     kept_below, blocks_peak = 0, 0
+    block_peaks = []
     grads_above = work.other_grad_bytes + sum(c.grad_bytes for c in work.blocks)
     for k in range(len(plans)):
         cost, plan = blocks[k]
         kept_below += held[k]
         back = sum(plans[j].swapped_bytes for j, when in issued.items() if j <= k and when <= started[k])
-        transient = max(0, cost.saved_bytes - plan.kept_bytes) if plan.mode is BlockMode.CHECKPOINT else 0
+        # its recompute saves again what it saves plainly, less what it holds: its input and stored outputs,
+        # kept or (swapped) back by now
+        transient = (max(0, cost.saved_bytes - plan.kept_bytes - plan.swapped_bytes)
+                     if plan.mode is BlockMode.CHECKPOINT else 0)
         now = work.other_bytes + kept_below + back + transient + grads_above
-        blocks_peak = max(blocks_peak, now)
-        timeline.append((started[k], now + work.peak_offset))
+        block_peaks.append(int(now))
+        blocks_peak = max(blocks_peak, now + cost.peak_offset)
+        timeline.append((started[k], now + cost.peak_offset + work.peak_offset))
         grads_above -= cost.grad_bytes
     # in the forward pass, swapped bytes whose copy has not finished still occupy the GPU
     forward_peak = max((b for _, b in timeline), default=0.0)
@@ -493,6 +508,7 @@ def simulate(work: Workload, plans: Sequence[BlockPlan]) -> Prediction:
     timeline.append((t, work.other_grad_bytes + sum(c.grad_bytes for c in work.blocks)))
     return Prediction(peak=int(peak), ms=t, stall_ms=stall, forward_ms=forward_end,
                       forward_end_bytes=forward_end_bytes, blocks_peak=int(blocks_peak),
+                      block_peaks=tuple(block_peaks),
                       timeline=tuple(sorted((ms, int(b)) for ms, b in timeline)))
 
 

@@ -178,7 +178,7 @@ def _structure(work: Workload) -> float:
 def _flatten(work: Workload) -> list[float]:
     values: list[float] = []
     for b in work.blocks:
-        values += [float(b.input_bytes), float(b.saved_bytes), float(b.grad_bytes)]
+        values += [float(b.input_bytes), float(b.saved_bytes), float(b.grad_bytes), float(b.peak_offset)]
         # what a block shares with its neighbour, negated: the ranks agree on the least (the higher peak)
         values += [-float(b.chained), -float(b.chained_saved)]
         for op in b.ops:
@@ -195,11 +195,12 @@ def _unflatten(work: Workload, values: list[float]) -> Workload:
     it = iter(values)
     blocks = []
     for b in work.blocks:
-        input_bytes, saved_bytes, grad_bytes = (int(next(it)) for _ in range(3))
+        input_bytes, saved_bytes, grad_bytes, peak_offset = (int(next(it)) for _ in range(4))
         chained, chained_saved = (-int(next(it)) for _ in range(2))
         ops = tuple(replace(op, ms=next(it), out_bytes=int(next(it))) for op in b.ops)
         blocks.append(BlockCost(ops, input_bytes, saved_bytes, grad_bytes, chained, chained_saved,
-                                b.input_storages, b.saved_inputs))  # which calls share a tensor
+                                b.input_storages, b.saved_inputs,  # which calls share a tensor
+                                peak_offset))
     fields: dict[str, Any] = {}
     for name in _WORK_FIELDS:
         value = next(it)

@@ -133,3 +133,46 @@ def test_the_measured_peak_is_within_the_budget_and_the_prediction(name: str, po
         assert abs(peak - plan.predicted_peak) <= max(0.05 * plan.predicted_peak, 16 << 20), (
             f"measured {peak}, predicted {plan.predicted_peak} (margin {plan.calibration['peak_margin']})")
     mgr.close()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "t5"])
+def test_a_budget_under_recompute_all_is_predicted_where_the_peak_happens(name: str) -> None:
+    """A budget a little under what recomputing every block measured: no plan of whole blocks fits, so
+    ``auto`` weighs swapped inputs and stored outputs, whose worth depends on where in the backward the
+    peak happens (ResNet-50's is in its first stage, T5's later). The first planned step, predicted from
+    the profiling step alone (no margin measured yet), measures within 2% of its prediction, and at
+    most the budget when the prediction fits it. With one offset for the whole backward, ResNet-50's
+    plan here was predicted 8% under what it measured (one H200, batch 64 at 224x224)."""
+    model, loss_fn = build(name, size="gpu", device="cuda", dropout=0.0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def measured_step(mgr: ActivationManager) -> int:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with mgr.step(), autocast:
+            loss = loss_fn(model, torch.Generator().manual_seed(0))
+        loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    recompute = ActivationManager(SwapConfig(policy="recompute", min_bytes="64KiB"))
+    recompute.wrap(model)
+    everything = [measured_step(recompute) for _ in range(3)][-1]
+    recompute.unwrap()
+    recompute.close()
+    budget = int(0.97 * everything)
+    mgr = ActivationManager(SwapConfig(policy="auto", memory_budget=budget, min_bytes="64KiB"))
+    mgr.wrap(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the smallest plan may not fit: that is the point
+        measured_step(mgr)  # profiling
+        peak = measured_step(mgr)
+    predicted = mgr.stats.predicted_peak
+    assert not mgr.stats.profiling and predicted > 0
+    assert abs(peak - predicted) <= 0.02 * predicted, (
+        f"measured {peak}, predicted {predicted}; {[b.mode.value for b in mgr.plan.blocks]}")
+    if predicted <= budget:
+        assert peak <= budget + (1 << 20), f"measured {peak} over the budget {budget}"
+    mgr.close()
