@@ -72,3 +72,5 @@ def test_rounds_time_every_mode_again_and_report_the_median(tmp_path: Path) -> N
         assert len(r["step_ms_all"]) == 6 and len(r["round_ms"]) == 3, mode
         assert r["step_ms"] == statistics.median(r["step_ms_all"]), mode
         assert r["x_plain"] == r["step_ms"] / modes["plain"]["step_ms"], mode
+        assert r["best_ms"] == min(r["step_ms_all"]), mode
+        assert r["x_plain_best"] == r["best_ms"] / modes["plain"]["best_ms"], mode
