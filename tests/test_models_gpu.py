@@ -93,6 +93,22 @@ def test_the_kv_cache_stays_empty_on_the_gpu(name: str) -> None:
     mgr.close()
 
 
+def activation_peak(model: nn.Module, loss_fn: Loss, mgr: ActivationManager | None) -> int:
+    """One bf16 step of ``loss_fn`` (under ``mgr``'s step if given, which turns the KV cache off; the
+    plain step passes ``use_cache=False``): the allocator's peak over the forward and the whole backward,
+    above what was allocated before it."""
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step = mgr.step() if mgr is not None else contextlib.nullcontext()
+    with step, torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = loss_fn(model, torch.Generator().manual_seed(0), cache=mgr is not None)
+    loss.backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 @pytest.mark.parametrize("policy", ["recompute", "swap", "auto"])
 @pytest.mark.parametrize("name", MODELS)
 def test_the_measured_peak_is_within_the_budget_and_the_prediction(name: str, policy: str) -> None:
@@ -104,26 +120,15 @@ def test_the_measured_peak_is_within_the_budget_and_the_prediction(name: str, po
     planned step measured, so for it this checks that the steps repeat; for ``auto`` the budget is what
     matters.)"""
     model, loss_fn = build(name, size="gpu", device="cuda", dropout=0.0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
 
-    def measured_step(mgr: ActivationManager | None) -> int:
-        model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with mgr.step() if mgr is not None else contextlib.nullcontext(), autocast:
-            loss = loss_fn(model, torch.Generator().manual_seed(0), cache=mgr is not None)
-        loss.backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
-    measured_step(None)
-    budget: int | str = max(1, measured_step(None) // 2) if policy == "auto" else "auto"
+    activation_peak(model, loss_fn, None)
+    budget: int | str = max(1, activation_peak(model, loss_fn, None) // 2) if policy == "auto" else "auto"
     mgr = ActivationManager(SwapConfig(policy=policy, memory_budget=budget, min_bytes="64KiB"))
     mgr.wrap(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        peaks = [measured_step(mgr) for _ in range(7)]  # profiling, then plans (the first ones measure)
+        # profiling, then plans (the first ones measure)
+        peaks = [activation_peak(model, loss_fn, mgr) for _ in range(7)]
     over = [w for w in caught if "the smallest plan found needs" in str(w.message)]
     plan = mgr.plan
     assert plan is not None
@@ -144,22 +149,10 @@ def test_a_budget_under_recompute_all_is_predicted_where_the_peak_happens(name: 
     most the budget when the prediction fits it. With one offset for the whole backward, ResNet-50's
     plan here was predicted 8% under what it measured (one H200, batch 64 at 224x224)."""
     model, loss_fn = build(name, size="gpu", device="cuda", dropout=0.0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-
-    def measured_step(mgr: ActivationManager) -> int:
-        model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with mgr.step(), autocast:
-            loss = loss_fn(model, torch.Generator().manual_seed(0))
-        loss.backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
 
     recompute = ActivationManager(SwapConfig(policy="recompute", min_bytes="64KiB"))
     recompute.wrap(model)
-    everything = [measured_step(recompute) for _ in range(3)][-1]
+    everything = [activation_peak(model, loss_fn, recompute) for _ in range(3)][-1]
     recompute.unwrap()
     recompute.close()
     budget = int(0.97 * everything)
@@ -167,8 +160,8 @@ def test_a_budget_under_recompute_all_is_predicted_where_the_peak_happens(name: 
     mgr.wrap(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the smallest plan may not fit: that is the point
-        measured_step(mgr)  # profiling
-        peak = measured_step(mgr)
+        activation_peak(model, loss_fn, mgr)  # profiling
+        peak = activation_peak(model, loss_fn, mgr)
     predicted = mgr.stats.predicted_peak
     assert not mgr.stats.profiling and predicted > 0
     assert abs(peak - predicted) <= 0.02 * predicted, (
