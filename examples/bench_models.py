@@ -26,7 +26,10 @@ For each mode: the activation peak (``torch.cuda.max_memory_allocated()`` over t
 less what was allocated before the forward), the median step time (forward, backward, AdamW; CUDA
 events) over ``--steps`` timed steps after ``--warmup`` warm-up steps (3 for every mode by default, and
 never fewer for deltaswap: profiling, first plan, re-plan), in each of ``--rounds`` rounds (the modes in
-turn, each set up anew, so that a drift of the host's speed over the run falls on every mode alike), its
+turn, each set up anew, so that a drift of the host's speed over the run falls on every mode alike; with
+``--interleave``, after the first round, ``rounds x steps`` steps of every mode by turns, step by step,
+each mode on its own copy of the model: the GPU machine's host changes speed by 1.7x between phases of a
+run, and on host-bound steps, as torch's checkpointing makes them, only that compares like with like), its
 ratio to ``plain``'s (``x_plain``; ``x_plain_best``: the fastest step's over plain's fastest, the ratio
 a host that is busy now and then disturbs least: on the GPU machine, steps of one mode measured 57 and
 70 ms by turns), and ``exact``: whether
@@ -64,6 +67,7 @@ Launch (wall times on one H200, torch 2.11, bf16, the default shapes)::
     python examples/bench_models.py --models gpt2 resnet50 --dtype bf16 --out out/models.json   # ~1.5 min
     python examples/bench_models.py --dtype bf16 --out out/models.json     # the 5 default models, ~4.5 min
     python examples/bench_models.py --models vit --dtype bf16 --out out/vit.json                # ~0.5 min
+    python examples/bench_models.py --models resnet50 --rounds 2 --steps 8 --interleave --dtype bf16
     python examples/bench_models.py --models llama --batch-size 4 --seq-len 1024 --dtype bf16
     python examples/bench_models.py --models gpt2 t5 --batch-size gpt2=8 t5=16 --attn eager
     python examples/bench_models.py --tiny --dtype fp32 --models gpt2 resnet50 --steps 1   # CPU smoke run
@@ -482,6 +486,9 @@ class Settings:
     min_bytes: str
     rounds: int = 1
     """Times the modes run in turn; each round sets its mode up again and times ``steps`` steps."""
+    interleave: bool = False
+    """After the first round, time ``rounds x steps`` steps of every mode by turns, step by step, each
+    mode on its own copy of the model (:func:`interleaved`), instead of round after round."""
 
 
 @dataclass
@@ -494,9 +501,12 @@ class Session:
     manager: ActivationManager | None = None
     policy: str = ""
     min_bytes: str = ""
+    budget_given: int | str = "auto"
+    """The budget of the timed steps (``auto_*``: from the peaks measured before them)."""
 
     def budget(self, budget: int | str) -> None:
         """Plan for ``budget`` from the next step on (deltaswap's modes)."""
+        self.budget_given = budget
         if self.manager is not None:
             config = SwapConfig(policy=self.policy, memory_budget=budget, min_bytes=self.min_bytes)
             self.manager.replan(config)
@@ -566,37 +576,97 @@ def check_exact(mode: str, bench: Bench, run: Session, refs: References,
     return out
 
 
+class Timer:
+    """The timed steps of one mode: its optimizer and batch, and what each recorded step measured."""
+
+    def __init__(self, bench: Bench, run: Session, settings: Settings) -> None:
+        self.bench, self.run, self.settings = bench, run, settings
+        self.optimizer = torch.optim.AdamW(bench.params, lr=1e-4, fused=bench.device.type == "cuda")
+        self.batch = bench.make_batch(bench.shape.batch, torch.Generator().manual_seed(0))
+        self.warmup = max(settings.warmup, DS_WARMUP) if run.manager is not None else settings.warmup
+        self.times: list[float] = []
+        self.peaks: list[int] = []
+        self.predicted_ms: list[float] = []
+        self.measured_ms: list[float] = []
+        self.forward_ms: list[float] = []
+        self.loss = math.nan
+
+    def step(self, *, record: bool = True) -> None:
+        """One training step; its time and peak (and the manager's numbers) are kept if ``record``."""
+        m, self.loss = train_step(self.bench, self.batch, self.run.context, cache=self.run.cache,
+                                  bf16=self.settings.bf16, optimizer=self.optimizer)
+        if not record:
+            return
+        self.times.append(m.ms)
+        self.peaks.append(m.peak)
+        if self.run.manager is not None:
+            stats = self.run.manager.stats
+            self.predicted_ms.append(stats.predicted_ms)
+            self.measured_ms.append(stats.measured_ms)
+            self.forward_ms.append(stats.forward_ms)
+
+    def warm_up(self) -> None:
+        for _ in range(self.warmup):
+            self.step(record=False)
+
+    def summary(self) -> dict[str, Any]:
+        """Median and fastest step, all steps, the activation peak (and the manager's summary)."""
+        peak = max(self.peaks)
+        out = {"step_ms": statistics.median(self.times), "best_ms": min(self.times),
+               "step_ms_all": list(self.times), "act_peak_bytes": peak, "act_peak_gib": peak / GiB,
+               "loss": self.loss}
+        if self.run.manager is not None:
+            out.update(_manager_summary(self.run.manager, self.run.budget_given, self.predicted_ms,
+                                        self.measured_ms, self.forward_ms))
+        return out
+
+
+def timer(mode: str, bench: Bench, run: Session, refs: References, settings: Settings) -> Timer | None:
+    """A :class:`Timer` of ``mode``, its budget set from the peaks measured before it (``None``: one of
+    them is missing)."""
+    budget = auto_budget(mode, refs.timed_peaks, bench.device)
+    if budget is None:
+        return None
+    run.budget(budget)
+    return Timer(bench, run, settings)
+
+
 def timed(mode: str, bench: Bench, run: Session, refs: References, settings: Settings) -> dict[str, Any]:
     """The timed steps of ``mode``: median step time and activation peak over the steps after warm-up."""
-    budget = auto_budget(mode, refs.timed_peaks, bench.device)
-    out: dict[str, Any] = {"budget": budget}
-    if budget is None:
-        out["skipped"] = "needs the peaks of plain and checkpoint first"
-        return out
-    run.budget(budget)
-    fused = bench.device.type == "cuda"
-    optimizer = torch.optim.AdamW(bench.params, lr=1e-4, fused=fused)
-    batch = bench.make_batch(bench.shape.batch, torch.Generator().manual_seed(0))
-    warmup = max(settings.warmup, DS_WARMUP) if run.manager is not None else settings.warmup
-    times, peaks, predicted_ms, measured_ms, forward_ms, loss = [], [], [], [], [], math.nan
-    for i in range(warmup + settings.steps):
-        m, loss = train_step(bench, batch, run.context, cache=run.cache, bf16=settings.bf16,
-                             optimizer=optimizer)
-        if i < warmup:
-            continue
-        times.append(m.ms)
-        peaks.append(m.peak)
-        if run.manager is not None:
-            stats = run.manager.stats
-            predicted_ms.append(stats.predicted_ms)
-            measured_ms.append(stats.measured_ms)
-            forward_ms.append(stats.forward_ms)
-    refs.timed_peaks[mode] = max(peaks)
-    out.update(step_ms=statistics.median(times), best_ms=min(times), step_ms_all=times,
-               act_peak_bytes=max(peaks), act_peak_gib=max(peaks) / GiB, loss=loss)
-    if run.manager is not None:
-        out.update(_manager_summary(run.manager, budget, predicted_ms, measured_ms, forward_ms))
-    del optimizer
+    t = timer(mode, bench, run, refs, settings)
+    if t is None:
+        return {"budget": None, "skipped": "needs the peaks of plain and checkpoint first"}
+    t.warm_up()
+    for _ in range(settings.steps):
+        t.step()
+    refs.timed_peaks[mode] = max(t.peaks)
+    out = {"budget": run.budget_given, **t.summary()}
+    del t
+    return out
+
+
+def interleaved(name: str, shape: Shape, modes: list[str], refs: References, settings: Settings, *,
+                tiny: bool, attn: str, device: torch.device) -> dict[str, dict[str, Any]]:
+    """Every mode's timed steps taken by turns, one step of each mode after the other's
+    (``--interleave``), so that the host's changes of speed fall on every mode alike: each mode gets its
+    own copy of the model (same seed, same weights), all set up at once and warmed up first; ``rounds x
+    steps`` timed steps each. Budgets come from the peaks of the first, sequential round."""
+    with contextlib.ExitStack() as stack:
+        timers: dict[str, Timer] = {}
+        for mode in modes:
+            bench = build(name, shape, tiny=tiny, attn=attn, device=device)
+            run = stack.enter_context(session(mode, bench, find_blocks(bench.model), settings.min_bytes))
+            t = timer(mode, bench, run, refs, settings)
+            if t is not None:
+                timers[mode] = t
+        for t in timers.values():
+            t.warm_up()
+        for _ in range(settings.rounds * settings.steps):
+            for t in timers.values():
+                t.step()
+        out = {mode: {"budget": t.run.budget_given, **t.summary()} for mode, t in timers.items()}
+        del timers, t
+    free_memory()
     return out
 
 
@@ -688,6 +758,27 @@ def bench_model(name: str, shape: Shape, modes: list[str], settings: Settings, *
         out["modes"][mode] = result
         _ratio(out["modes"], mode)
         print(f"  {mode:<13}{_one_line(result)}", flush=True)
+    if settings.interleave:
+        del bench, blocks  # the copies of the model that the modes get take its place
+        free_memory()
+        try:
+            turns = interleaved(name, shape, modes, refs, settings, tiny=tiny, attn=attn, device=device)
+        except torch.OutOfMemoryError:  # a copy of the model per mode does not fit: the first round stays
+            free_memory()
+            out["interleave_oom"] = True
+            print("  interleaved: out of memory with a copy of the model per mode; the first round's "
+                  "times stand", flush=True)
+            return out
+        for mode, more in turns.items():
+            result = out["modes"][mode]
+            if "step_ms" in result:  # the first round's times are kept beside the interleaved ones
+                result.update(sequential_ms=result["step_ms"], timing="interleaved",
+                              **{k: more[k] for k in ("step_ms", "best_ms", "step_ms_all")})
+        print(f"  interleaved, step by step (median of {settings.rounds * settings.steps} steps):")
+        for mode in modes:
+            _ratio(out["modes"], mode)
+            print(f"  {mode:<13}{_one_line(out['modes'][mode])}", flush=True)
+        return out
     for _ in range(1, settings.rounds):
         for mode in modes:
             result = out["modes"][mode]
@@ -795,6 +886,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run the modes in turn this many times (each set up anew) and take the median "
                              "of all their timed steps: on models whose step is host-bound, the host's "
                              "speed drifts by 10%% and more over a run")
+    parser.add_argument("--interleave", action="store_true",
+                        help="after the first round, time rounds x steps steps of every mode by turns, "
+                             "step by step, each mode on its own copy of the model (memory: one model, "
+                             "its gradients and AdamW state per mode): the host's changes of speed then "
+                             "fall on every mode alike")
     parser.add_argument("--min-bytes", default="1MiB", help="deltaswap's min_bytes")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", default="bench_models.json", help="where to write the JSON results")
@@ -819,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = model_shape(name, args)
         settings = Settings(bf16=args.dtype == "bf16", warmup=args.warmup, steps=args.steps,
                             exact_batch=args.exact_batch_size or shape.batch, min_bytes=args.min_bytes,
-                            rounds=args.rounds)
+                            rounds=args.rounds, interleave=args.interleave)
         results[name] = bench_model(name, shape, modes, settings, tiny=args.tiny, attn=args.attn,
                                     device=device)
         print("\n" + markdown_table(name, results[name]), flush=True)
@@ -828,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "dtype": args.dtype,
         "attn": args.attn, "tiny": args.tiny, "warmup": args.warmup, "steps": args.steps,
-        "rounds": args.rounds,
+        "rounds": args.rounds, "interleave": args.interleave,
         "modes": modes, "models": results,
     }, indent=2))
     print(f"\nwrote {args.out}")

@@ -74,3 +74,36 @@ def test_rounds_time_every_mode_again_and_report_the_median(tmp_path: Path) -> N
         assert r["x_plain"] == r["step_ms"] / modes["plain"]["step_ms"], mode
         assert r["best_ms"] == min(r["step_ms_all"]), mode
         assert r["x_plain_best"] == r["best_ms"] / modes["plain"]["best_ms"], mode
+
+
+def test_interleave_times_the_modes_step_by_step_each_on_its_own_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models: list[int] = []  # the model each step trained, in order
+    step = bench_models.train_step
+
+    def recorded(bench: bench_models.Bench, *args: object, **kwargs: object) -> object:
+        models.append(id(bench.model))
+        return step(bench, *args, **kwargs)
+
+    monkeypatch.setattr(bench_models, "train_step", recorded)
+    out = tmp_path / "models.json"
+    modes = ["plain", "checkpoint", "ds_recompute"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = bench_models.main(["--tiny", "--device", "cpu", "--dtype", "fp32", "--models", "gpt2",
+                                "--modes", *modes, "--warmup", "0", "--steps", "2", "--rounds", "2",
+                                "--interleave", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["interleave"] is True
+    result = data["models"]["gpt2"]["modes"]
+    for mode, r in result.items():
+        assert r["timing"] == "interleaved" and len(r["step_ms_all"]) == 4, mode
+        assert r["step_ms"] == statistics.median(r["step_ms_all"]) and r["best_ms"] == min(r["step_ms_all"])
+        assert r["x_plain"] == r["step_ms"] / result["plain"]["step_ms"], mode
+        assert r["sequential_ms"] > 0, mode
+    # the last 4 x 3 steps: the three modes by turns, each on a model of its own
+    timed = models[-12:]
+    assert len(set(timed[:3])) == 3 and timed == timed[:3] * 4
+    first_round = models[:len(models) - 12 - bench_models.DS_WARMUP]  # before ds_recompute's warm-up
+    assert not set(timed[:3]) & set(first_round)
