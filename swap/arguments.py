@@ -28,7 +28,9 @@ CACHE_ARGUMENTS = ("cache", "past_key_value", "past_key_values", "layer_past")
 def is_kv_cache(value: object) -> bool:
     """Whether ``value`` is a Hugging Face KV cache (an instance of a class named ``Cache`` or of one
     derived from it: ``DynamicCache``, ``StaticCache``, ``EncoderDecoderCache``...)."""
-    return value is not None and any(cls.__name__ == "Cache" for cls in type(value).__mro__)
+    if value is None or isinstance(value, torch.Tensor):  # most arguments: no class walk
+        return False
+    return any(cls.__name__ == "Cache" for cls in type(value).__mro__)
 
 
 def without_cache(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -46,7 +48,10 @@ def without_cache(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         ((1,), {'use_cache': False}, ['use_cache=False'])
     """
     changed: list[str] = []
-    keeps_cache = bool(getattr(block, "_can_checkpoint_with_cache", False))
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        return args, kwargs, changed  # tensors only (a CNN's blocks): nothing to look at
+    # a class attribute in HF's layers: read from the class, which spares nn.Module's __getattr__
+    keeps_cache = bool(getattr(type(block), "_can_checkpoint_with_cache", False))
     new_kwargs = kwargs
     if kwargs.get("use_cache"):
         new_kwargs = {**kwargs, "use_cache": False}

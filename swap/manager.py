@@ -54,7 +54,7 @@ from .planner import (
 from .pool import HostMemoryError, available_host_bytes, share_note
 from .profile import Bandwidth, measure_bandwidth
 from .ranks import RankAgreement
-from .recompute import OpDecision, OpPolicy, checkpoint_all, checkpoint_with_policy
+from .recompute import OpPolicy, checkpoint_all, checkpoint_with_policy
 from .stats import OffloadStats
 from .weak import weakly
 
@@ -423,7 +423,7 @@ class ActivationManager:
                 counted = SavedBytes()
                 engine.enter_context(counted.hooks())
             self._counted = counted
-            if not _moves_nothing(self._plan):
+            if self._plan is None or not self._plan.moves_nothing:
                 self._enter_engine()  # else at the first block, if this step's plan is another one
             start = self._mark()
             self._baseline = torch.cuda.memory_allocated() if self._on_cuda() else 0
@@ -614,7 +614,7 @@ class ActivationManager:
         first = _first_grad_tensor(args)
         if first is not None:  # its gradient arrives when the blocks' backward ends
             first.register_hook(weakly(self._backward_done, self._arm_peak_check()))
-        if not _moves_nothing(self._step_plan):
+        if self._step_plan is None or not self._step_plan.moves_nothing:
             self._enter_engine()
 
     def _without_cache(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -954,17 +954,6 @@ def check_budget_fits(budget: int, device_bytes: int) -> None:
             f"({format_bytes(device_bytes)}); give a smaller size, a fraction such as 0.6, or 'auto' "
             f"(what is left after weights, gradients and optimizer state)"
         )
-
-
-def _moves_nothing(plan: Plan | None) -> bool:
-    """Whether ``plan`` swaps nothing: every block kept or checkpointed with its input and stored op
-    outputs on the GPU. The engine then has no work (its hooks would keep every tensor), and torch's
-    checkpoint and the blocks run as they would without deltaswap."""
-    return plan is not None and all(
-        b.mode is not BlockMode.SWAP and not b.swap_input
-        and all(d is not OpDecision.SWAP for d in b.decisions.values())
-        for b in plan.blocks
-    )
 
 
 def _block_runner(manager: ActivationManager) -> Callable[..., Any]:

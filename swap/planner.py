@@ -184,6 +184,15 @@ class Plan:
     plain_bytes: int = 0
     """Activation bytes of the step with everything kept (inside and outside the blocks)."""
 
+    @functools.cached_property
+    def moves_nothing(self) -> bool:
+        """Whether the plan swaps nothing: every block kept, or checkpointed with its input and stored
+        op outputs on the GPU. The swap engine then has no work (its hooks would keep every tensor), and
+        the blocks and torch's checkpoint run as they would without deltaswap."""
+        return all(b.mode is not BlockMode.SWAP and not b.swap_input
+                   and all(d is not OpDecision.SWAP for d in b.decisions.values())
+                   for b in self.blocks)
+
     @property
     def outside_share(self) -> float:
         """The fraction of the step's activations (everything kept) that no block holds."""

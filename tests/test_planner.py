@@ -10,6 +10,8 @@ import pytest
 from deltaswap.swap.hostcost import HostCost
 from deltaswap.swap.planner import (
     BlockMode,
+    BlockPlan,
+    Plan,
     Workload,
     block_backward_ms,
     block_forward_ms,
@@ -317,3 +319,14 @@ def test_an_input_every_checkpointed_block_takes_is_held_once() -> None:
     work = dataclasses.replace(work, blocks=(saver, *work.blocks[1:]))
     assert simulate(work, [keep_block(saver), ckpt[1], ckpt[2]]).forward_end_bytes == (
         100 * MB + 300 * MB + 2 * 50 * MB)
+
+
+def test_a_plan_moves_nothing_only_when_no_block_input_or_op_output_is_swapped() -> None:
+    def plan(*blocks: BlockPlan) -> Plan:
+        return Plan(blocks=blocks, budget=0, predicted_peak=0, predicted_ms=0.0, plain_ms=0.0, policy="auto")
+
+    keep, ckpt = BlockPlan(BlockMode.KEEP), BlockPlan(BlockMode.CHECKPOINT, {0: OpDecision.KEEP})
+    assert plan(keep, ckpt).moves_nothing
+    assert not plan(keep, BlockPlan(BlockMode.SWAP)).moves_nothing
+    assert not plan(keep, dataclasses.replace(ckpt, swap_input=True)).moves_nothing
+    assert not plan(BlockPlan(BlockMode.CHECKPOINT, {0: OpDecision.SWAP}), keep).moves_nothing
