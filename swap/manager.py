@@ -15,30 +15,17 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-# Imported with the package, not lazily: torch's checkpoint imports dynamo at its first call, and that
-# first import keeps the frames on the stack at that moment alive for good (the manager's, the step's,
-# the model's), which would keep the first manager of a process and its pinned memory alive.
-from torch._dynamo.eval_frame import OptimizedModule
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    _CHECKPOINT_WRAPPED_MODULE,
-    CheckpointWrapper,
-    apply_activation_checkpointing,
-    checkpoint_wrapper,
-)
-from torch.utils._pytree import tree_leaves
-
 from .arguments import without_cache
 from .backend import CopyBackend, CudaCopyBackend
-from .blockprofile import BlockProfile, SavedBytes, grad_bytes, shape_key
+from .blockprofile import BlockProfile, SavedBytes, cuda_mark, first_grad_tensor, grad_bytes, shape_key
 from .calibration import MARGIN_DOWN, PeakCheck, PeakChecks, calibrate, forward_scale
 from .config import UNLIMITED, SwapConfig, format_budget, format_bytes
-from .discovery import describe_blocks, find_blocks
+from .discovery import describe_blocks
 from .hostcost import NO_HOST_COST, HostCost, measure_host_cost
 from .offloader import ActivationOffloader
 from .planner import (
@@ -57,6 +44,7 @@ from .ranks import RankAgreement
 from .recompute import OpPolicy, checkpoint_all, checkpoint_with_policy
 from .stats import OffloadStats
 from .weak import weakly
+from .wrapping import WrappedBlocks, wrap_blocks
 
 PLAN_CACHE_SIZE = 8
 """Plans kept for different input shapes; the least recently used is dropped beyond this."""
@@ -183,7 +171,7 @@ class ActivationManager:
         self._names: list[str] = []
         self._name_of: dict[int, str] = {}
         self._last_model: weakref.ref[nn.Module] | None = None
-        self._originals: list[tuple[nn.Module, str, nn.Module]] = []
+        self._wrapped = WrappedBlocks()
         self._compiled: dict[int, Callable[..., Any]] = {}  # block id -> what runs it compiled
         self._warmed: set[tuple[Any, ...]] = set()  # input shapes the compiled blocks have run with
         self._warming = False
@@ -227,89 +215,13 @@ class ActivationManager:
         if self._model is not None:
             raise ValueError("this ActivationManager already wraps another model: use one manager per model, "
                              "or call unwrap() first")
-        if _compiled_whole(model):
-            whole = type(getattr(model, "_orig_mod", model)).__name__
-            raise ValueError(
-                f"{whole} is compiled as a whole with torch.compile: deltaswap "
-                f"plans and runs its blocks one by one, which a whole-model graph hides. Wrap the "
-                f"uncompiled model and compile its blocks: SwapConfig(compile=True) (SwapStrategy(compile="
-                f"True), DeltaSwapPlugin(compile=True)), or block.compile() on each block before wrapping."
-            )
-        _remove_orphaned_wrappers(model)
-        names = {id(m): name for name, m in model.named_modules()}
-        blocks = list(blocks) if blocks is not None else find_blocks(model, self.config.block_types)
-        blocks = _compiled_wrappers(model, blocks, names)
-        _check_given_blocks(blocks, names)
-        ids = {id(b) for b in blocks}
-        inside = {id(m) for b in blocks for m in b.modules() if m is not b}
-        # compiled modules that are not blocks: refused, unless inside a block (then run as part of it)
-        # or, compiled in place, holding no block (a compiled head: it runs outside the blocks)
-        parts = [name for name, m in model.named_modules()
-                 if id(m) not in ids and id(m) not in inside and _compiled_whole(m)
-                 and (isinstance(m, OptimizedModule) or any(id(x) in ids for x in m.modules()))]
-        if parts and blocks:  # (no blocks at all: the error below says how to name them)
-            raise ValueError(
-                f"{parts[0]} of {type(model).__name__} is compiled with torch.compile but is not one of the "
-                f"blocks deltaswap plans ({describe_blocks([names[id(b)] for b in blocks], blocks)}): "
-                f"wrap the uncompiled model and compile the blocks, with SwapConfig(compile=True) or "
-                f"block.compile() on each block, or pass the compiled modules as the blocks "
-                f"(mgr.wrap(model, blocks=[...]))."
-            )
-        if any(isinstance(b, CheckpointWrapper) or _CHECKPOINT_WRAPPED_MODULE in names[id(b)].split(".")
-               for b in blocks):
-            raise ValueError(
-                f"the blocks of {type(model).__name__} are already wrapped (by another ActivationManager or "
-                f"torch's checkpoint_wrapper): call unwrap() on that manager, or remove the wrappers, first"
-            )
-        if not blocks:
-            raise ValueError(
-                f"deltaswap found no repeated blocks in {type(model).__name__}: no ModuleList, Sequential "
-                f"or ModuleDict holds two or more modules of one class with parameters. Name the block "
-                f"class with SwapConfig(block_types=(YourLayer,)), or pass the modules: "
-                f"mgr.wrap(model, blocks=[...])."
-            )
-        checkpointing = [names[id(b)] for b in blocks if getattr(b, "gradient_checkpointing", False) is True]
-        if checkpointing:
-            raise ValueError(
-                f"Hugging Face gradient checkpointing is on in {type(model).__name__} (its layer "
-                f"{checkpointing[0]} checkpoints itself): deltaswap decides what to recompute. Call "
-                f"model.gradient_checkpointing_disable() (activation_checkpointing_disable() in newer "
-                f"transformers) before wrapping; deltaswap turns the KV cache off in training steps, as "
-                f"HF's checkpointing does."
-            )
-        options = self.config.compile_options()
-        inner = [names[id(b)] for b in blocks if not _compiled_whole(b) and _compiled_inside(b)]
-        if inner and options is None:
-            warnings.warn(
-                f"deltaswap: {len(inner)} block(s) of {type(model).__name__} ({inner[0]} first) are "
-                f"compiled in place in parts (module.compile() on modules inside them). deltaswap's "
-                f"profiling step and its per-op plans run those eagerly, under dispatch modes that "
-                f"torch.compile does not trace, so those steps' gradients are eager PyTorch's, not the "
-                f"compiled modules' (they differ in rounding). Compile the blocks themselves "
-                f"(SwapConfig(compile=True), or block.compile() on each block): compiled blocks are "
-                f"planned whole and always run compiled.",
-                UserWarning,
-                stacklevel=2,
-            )
-        compiled = {id(b): b for b in blocks if _compiled_whole(b)}
-        if options is not None:  # the blocks compiled whole already run as they are
-            compiled.update({id(b): torch.compile(b, **options) for b in blocks if id(b) not in compiled})
-        apply_activation_checkpointing(
-            model,
-            checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_fn=_block_runner(self)),
-            check_fn=lambda m: id(m) in ids,
-        )
-        self._originals = [
-            (parent, child_name, child)
-            for parent in model.modules()
-            for child_name, child in parent.named_children()
-            if isinstance(child, CheckpointWrapper) and id(child._checkpoint_wrapped_module) in ids
-        ]
-        self._blocks, self._model = blocks, model
-        self._compiled, self._warmed = compiled, set()  # new compiled callables: each shape compiles
+        wrapped = wrap_blocks(model, blocks, self, block_types=self.config.block_types,
+                              compile_options=self.config.compile_options())
+        self._wrapped, self._blocks, self._model = wrapped, wrapped.blocks, model
+        self._compiled, self._warmed = wrapped.compiled, set()  # new compiled callables: each shape compiles
         self._last_model = weakref.ref(model)
-        self._names = [names[id(b)] for b in blocks]
-        self._name_of = {id(b): names[id(b)] for b in blocks}
+        self._names = wrapped.names
+        self._name_of = {id(b): n for b, n in zip(wrapped.blocks, wrapped.names, strict=True)}
         return model
 
     def unwrap(self) -> nn.Module | None:
@@ -317,9 +229,8 @@ class ActivationManager:
         returns the model (``None`` if nothing was wrapped). Plans stay cached for a later :meth:`wrap`
         of the same model (wrapping another one forgets them)."""
         model = self._model
-        for parent, child_name, wrapper in self._originals:
-            setattr(parent, child_name, wrapper._checkpoint_wrapped_module)
-        self._originals, self._model, self._blocks, self._names = [], None, [], []
+        self._wrapped.unwrap()
+        self._wrapped, self._model, self._blocks, self._names = WrappedBlocks(), None, [], []
         self._name_of, self._compiled = {}, {}
         return model
 
@@ -337,8 +248,7 @@ class ActivationManager:
     def blocks(self) -> list[nn.Module]:
         """The modules the model now calls for its blocks (torch CheckpointWrapper modules, in order).
         Hooks on them run once per forward pass, never in a recompute."""
-        wrappers = {id(w._checkpoint_wrapped_module): w for _, _, w in self._originals}
-        return [wrappers[id(b)] for b in self._blocks]
+        return self._wrapped.block_wrappers
 
     @property
     def block_names(self) -> list[str]:
@@ -611,7 +521,7 @@ class ActivationManager:
             self._warming = True  # compiling takes seconds: profile at the next step of this shape
         else:
             self._profile = BlockProfile("cuda" if self._on_cuda() else "cpu")
-        first = _first_grad_tensor(args)
+        first = first_grad_tensor(args)
         if first is not None:  # its gradient arrives when the blocks' backward ends
             first.register_hook(weakly(self._backward_done, self._arm_peak_check()))
         if self._step_plan is None or not self._step_plan.moves_nothing:
@@ -691,38 +601,14 @@ class ActivationManager:
         profile = self._profile
         assert profile is not None
         if self._on_cuda():
-            if call == 0:
-                profile.baseline = self._baseline
-                torch.cuda.reset_peak_memory_stats()
-            first = _first_grad_tensor(args)
-            if first is not None:  # its gradient arrives when this call's backward ends (call 0: the blocks')
-                done = self._blocks_done if call == 0 else self._call_done
-                first.register_hook(weakly(done, profile, call))
+            profile.watch_backward(call, args, self._baseline)
         inside = self._counted.in_block() if self._counted is not None else contextlib.nullcontext()
         with self._offloader.swapping(False), inside:
             out = profile.run(call, block, self._name_of.get(id(block), type(block).__name__),
                               self._offloader.store, compiled, *args, **kwargs)
-        last = _first_grad_tensor(tree_leaves(out))
-        if self._on_cuda() and last is not None:
-            last.register_hook(weakly(self._head_done, profile))  # the last block's fires first
+        if self._on_cuda():
+            profile.watch_head(out)
         return out
-
-    def _head_done(self, profile: BlockProfile, grad: torch.Tensor) -> None:
-        if profile.head_mark is None:
-            profile.head_peak = torch.cuda.max_memory_allocated() - profile.baseline
-            profile.head_mark = self._mark()
-            torch.cuda.reset_peak_memory_stats()
-
-    def _call_done(self, profile: BlockProfile, call: int, grad: torch.Tensor) -> None:
-        """Call ``call``'s backward is done: the peak since the one after it (or the head) was done is
-        its own; the next call's is measured from here."""
-        profile.backward_peaks.append((call, torch.cuda.max_memory_allocated() - profile.baseline))
-        torch.cuda.reset_peak_memory_stats()
-
-    def _blocks_done(self, profile: BlockProfile, call: int, grad: torch.Tensor) -> None:
-        profile.backward_peaks.append((call, torch.cuda.max_memory_allocated() - profile.baseline))
-        profile.blocks_peak = max(peak for _, peak in profile.backward_peaks)
-        profile.blocks_mark = self._mark()
 
     # -- planning -----------------------------------------------------------------------------------
     def _finish_profiling(self) -> None:
@@ -928,11 +814,7 @@ class ActivationManager:
         return isinstance(self._offloader.backend, CudaCopyBackend)
 
     def _mark(self) -> Any:
-        if self._on_cuda():
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
+        return cuda_mark() if self._on_cuda() else time.perf_counter()
 
     @staticmethod
     def _elapsed(start: Any, end: Any) -> float:
@@ -954,76 +836,3 @@ def check_budget_fits(budget: int, device_bytes: int) -> None:
             f"({format_bytes(device_bytes)}); give a smaller size, a fraction such as 0.6, or 'auto' "
             f"(what is left after weights, gradients and optimizer state)"
         )
-
-
-def _block_runner(manager: ActivationManager) -> Callable[..., Any]:
-    """What a wrapped block calls: ``manager``'s block runner, through a weak reference, so that the
-    model does not keep its manager (and the pinned memory it holds) alive in a cycle. Once the manager
-    is gone, the block runs plainly."""
-    ref = weakref.ref(manager)
-
-    def run(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        mgr = ref()
-        return block(*args, **kwargs) if mgr is None else mgr._run_block(block, *args, **kwargs)
-
-    run.manager = ref  # type: ignore[attr-defined]
-    return run
-
-
-def _remove_orphaned_wrappers(model: nn.Module) -> None:
-    """Take out the block wrappers of managers that are gone (dropped without ``unwrap()``), so that
-    a new manager can wrap the model; the wrappers of a live manager stay (``wrap`` refuses them)."""
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            runner = getattr(getattr(child, "checkpoint_fn", None), "func", None)
-            ref = getattr(runner, "manager", None)
-            if isinstance(child, CheckpointWrapper) and isinstance(ref, weakref.ref) and ref() is None:
-                setattr(parent, child_name, child._checkpoint_wrapped_module)
-
-
-def _compiled_wrappers(model: nn.Module, blocks: list[nn.Module], names: dict[int, str]) -> list[nn.Module]:
-    """``blocks``, each block that a ``torch.compile`` wrapper holds (``model.layers[i] =
-    torch.compile(layer)``, found by its class through ``block_types``) replaced by that wrapper, which
-    is what the model calls."""
-    modules = dict(model.named_modules())
-    result = []
-    for block in blocks:
-        parent, _, last = names.get(id(block), "").rpartition(".")
-        wrapper = modules.get(parent) if last == "_orig_mod" else None
-        result.append(wrapper if isinstance(wrapper, OptimizedModule) else block)
-    return result
-
-
-def _compiled_whole(block: nn.Module) -> bool:
-    """Whether calling ``block`` runs it compiled: an ``OptimizedModule`` (``torch.compile(block)``), or
-    compiled in place (``block.compile()``)."""
-    return isinstance(block, OptimizedModule) or getattr(block, "_compiled_call_impl", None) is not None
-
-
-def _compiled_inside(block: nn.Module) -> bool:
-    """Whether ``block``, or a module inside it, is compiled (``module.compile()``, which compiles the
-    module's call in place, or an ``OptimizedModule``)."""
-    return any(_compiled_whole(m) for m in block.modules())
-
-
-def _first_grad_tensor(values: Sequence[Any]) -> torch.Tensor | None:
-    """The first tensor of ``values`` that requires a gradient."""
-    return next((v for v in values if isinstance(v, torch.Tensor) and v.requires_grad), None)
-
-
-def _check_given_blocks(blocks: Sequence[nn.Module], names: dict[int, str]) -> None:
-    """Refuse blocks that are not modules of the model, or that lie inside one another.
-
-    Raises:
-        ValueError: naming the module.
-    """
-    for block in blocks:
-        if id(block) not in names:
-            raise ValueError(f"{type(block).__name__} given as a block is not a module of the model: pass "
-                             f"modules of the model you wrap")
-    given = sorted(names[id(b)] for b in blocks)
-    for outer in given:
-        inner = next((n for n in given if outer and n.startswith(f"{outer}.")), None)
-        if inner is not None:
-            raise ValueError(f"block {inner} lies inside block {outer}: a block runs (and is recomputed) "
-                             f"with its parent; pass one of the two")

@@ -12,7 +12,8 @@ from torch import nn
 from deltaswap.swap import ActivationManager, SwapConfig, SyncCopyBackend
 from deltaswap.swap.calibration import PeakCheck
 from deltaswap.swap.config import format_bytes
-from deltaswap.swap.manager import PLAN_CACHE_SIZE, find_blocks
+from deltaswap.swap.discovery import find_blocks
+from deltaswap.swap.manager import PLAN_CACHE_SIZE
 from deltaswap.swap.planner import (
     BlockMode,
     BlockPlan,
