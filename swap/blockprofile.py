@@ -38,7 +38,6 @@ from .recompute import (
     checkpoint_with_policy,
 )
 from .step import held_elsewhere
-from .weak import weakly
 
 
 def block_kind(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -69,13 +68,6 @@ def shape_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
 def first_grad_tensor(values: Sequence[Any]) -> torch.Tensor | None:
     """The first tensor of ``values`` that requires a gradient."""
     return next((v for v in values if isinstance(v, torch.Tensor) and v.requires_grad), None)
-
-
-def cuda_mark() -> torch.cuda.Event:
-    """A timing event recorded now on the current stream."""
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
 
 
 def recompute_all(index: int, op: object) -> OpDecision:
@@ -135,42 +127,6 @@ class BlockProfile:
         self.backward_peaks: list[tuple[int, int]] = []
         """``(call, activation bytes at the peak of its backward)`` as each call's backward ended
         (when its input got its gradient), in that order: the last call's first."""
-
-    def watch_backward(self, call: int, args: tuple[Any, ...], baseline: int) -> None:
-        """On CUDA, before block call ``call`` runs: have the end of its backward (its first input's
-        gradient arriving) read and reset CUDA's peak counter, for :attr:`backward_peaks` (call 0: the
-        blocks' backward is over, :attr:`blocks_peak` and :attr:`blocks_mark`). Call 0 also resets the
-        counter and sets :attr:`baseline`. No synchronization: the counter is the allocator's."""
-        if call == 0:
-            self.baseline = baseline
-            torch.cuda.reset_peak_memory_stats()
-        first = first_grad_tensor(args)
-        if first is not None:
-            first.register_hook(weakly(self._blocks_done if call == 0 else self._call_done, call))
-
-    def watch_head(self, out: Any) -> None:
-        """On CUDA, after a block call: its output's gradient arriving first (the last call's) ends the
-        head's backward, for :attr:`head_peak` and :attr:`head_mark`."""
-        last = first_grad_tensor(tree_leaves(out))
-        if last is not None:
-            last.register_hook(weakly(self._head_done))
-
-    def _head_done(self, grad: torch.Tensor) -> None:
-        if self.head_mark is None:
-            self.head_peak = torch.cuda.max_memory_allocated() - self.baseline
-            self.head_mark = cuda_mark()
-            torch.cuda.reset_peak_memory_stats()
-
-    def _call_done(self, call: int, grad: torch.Tensor) -> None:
-        """Call ``call``'s backward is done: the peak since the one after it (or the head) was done is
-        its own; the next call's is measured from here."""
-        self.backward_peaks.append((call, torch.cuda.max_memory_allocated() - self.baseline))
-        torch.cuda.reset_peak_memory_stats()
-
-    def _blocks_done(self, call: int, grad: torch.Tensor) -> None:
-        self.backward_peaks.append((call, torch.cuda.max_memory_allocated() - self.baseline))
-        self.blocks_peak = max(peak for _, peak in self.backward_peaks)
-        self.blocks_mark = cuda_mark()
 
     def call_peaks(self) -> list[int] | None:
         """The peak of each call's backward, in call order, if every call measured one and they came

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .arguments import without_cache
 from .backend import CopyBackend, CudaCopyBackend
-from .blockprofile import BlockProfile, SavedBytes, cuda_mark, first_grad_tensor, grad_bytes, shape_key
+from .blockprofile import BlockProfile, SavedBytes, first_grad_tensor, grad_bytes, shape_key
 from .calibration import MARGIN_DOWN, PeakCheck, PeakChecks, calibrate, forward_scale
 from .config import UNLIMITED, SwapConfig, format_budget, format_bytes
 from .discovery import describe_blocks
@@ -601,14 +602,38 @@ class ActivationManager:
         profile = self._profile
         assert profile is not None
         if self._on_cuda():
-            profile.watch_backward(call, args, self._baseline)
+            if call == 0:
+                profile.baseline = self._baseline
+                torch.cuda.reset_peak_memory_stats()
+            first = first_grad_tensor(args)
+            if first is not None:  # its gradient arrives when this call's backward ends (call 0: the blocks')
+                done = self._blocks_done if call == 0 else self._call_done
+                first.register_hook(weakly(done, profile, call))
         inside = self._counted.in_block() if self._counted is not None else contextlib.nullcontext()
         with self._offloader.swapping(False), inside:
             out = profile.run(call, block, self._name_of.get(id(block), type(block).__name__),
                               self._offloader.store, compiled, *args, **kwargs)
-        if self._on_cuda():
-            profile.watch_head(out)
+        last = first_grad_tensor(tree_leaves(out))
+        if self._on_cuda() and last is not None:
+            last.register_hook(weakly(self._head_done, profile))  # the last block's fires first
         return out
+
+    def _head_done(self, profile: BlockProfile, grad: torch.Tensor) -> None:
+        if profile.head_mark is None:
+            profile.head_peak = torch.cuda.max_memory_allocated() - profile.baseline
+            profile.head_mark = self._mark()
+            torch.cuda.reset_peak_memory_stats()
+
+    def _call_done(self, profile: BlockProfile, call: int, grad: torch.Tensor) -> None:
+        """Call ``call``'s backward is done: the peak since the one after it (or the head) was done is
+        its own; the next call's is measured from here."""
+        profile.backward_peaks.append((call, torch.cuda.max_memory_allocated() - profile.baseline))
+        torch.cuda.reset_peak_memory_stats()
+
+    def _blocks_done(self, profile: BlockProfile, call: int, grad: torch.Tensor) -> None:
+        profile.backward_peaks.append((call, torch.cuda.max_memory_allocated() - profile.baseline))
+        profile.blocks_peak = max(peak for _, peak in profile.backward_peaks)
+        profile.blocks_mark = self._mark()
 
     # -- planning -----------------------------------------------------------------------------------
     def _finish_profiling(self) -> None:
@@ -814,7 +839,11 @@ class ActivationManager:
         return isinstance(self._offloader.backend, CudaCopyBackend)
 
     def _mark(self) -> Any:
-        return cuda_mark() if self._on_cuda() else time.perf_counter()
+        if self._on_cuda():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
 
     @staticmethod
     def _elapsed(start: Any, end: Any) -> float:
