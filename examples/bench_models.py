@@ -656,16 +656,17 @@ def interleaved(name: str, shape: Shape, modes: list[str], refs: References, set
         for mode in modes:
             bench = build(name, shape, tiny=tiny, attn=attn, device=device)
             run = stack.enter_context(session(mode, bench, find_blocks(bench.model), settings.min_bytes))
-            t = timer(mode, bench, run, refs, settings)
-            if t is not None:
-                timers[mode] = t
-        for t in timers.values():
-            t.warm_up()
+            made = timer(mode, bench, run, refs, settings)
+            if made is not None:
+                timers[mode] = made
+        for each in timers.values():
+            each.warm_up()
         for _ in range(settings.rounds * settings.steps):
-            for t in timers.values():
-                t.step()
-        out = {mode: {"budget": t.run.budget_given, **t.summary()} for mode, t in timers.items()}
-        del timers, t
+            for each in timers.values():
+                each.step()
+        out = {mode: {"budget": each.run.budget_given, **each.summary()} for mode, each in timers.items()}
+        timers.clear()
+    bench = run = made = each = None  # the loops' last ones would keep a model on the GPU
     free_memory()
     return out
 
@@ -758,22 +759,22 @@ def bench_model(name: str, shape: Shape, modes: list[str], settings: Settings, *
         out["modes"][mode] = result
         _ratio(out["modes"], mode)
         print(f"  {mode:<13}{_one_line(result)}", flush=True)
-    if settings.interleave:
+    timed_modes = [m for m in modes if "step_ms" in out["modes"][m]]  # not those that failed or were skipped
+    if settings.interleave and timed_modes:
         del bench, blocks  # the copies of the model that the modes get take its place
         free_memory()
         try:
-            turns = interleaved(name, shape, modes, refs, settings, tiny=tiny, attn=attn, device=device)
+            turns = interleaved(name, shape, timed_modes, refs, settings, tiny=tiny, attn=attn,
+                                device=device)
         except torch.OutOfMemoryError:  # a copy of the model per mode does not fit: the first round stays
             free_memory()
             out["interleave_oom"] = True
             print("  interleaved: out of memory with a copy of the model per mode; the first round's "
                   "times stand", flush=True)
             return out
-        for mode, more in turns.items():
-            result = out["modes"][mode]
-            if "step_ms" in result:  # the first round's times are kept beside the interleaved ones
-                result.update(sequential_ms=result["step_ms"], timing="interleaved",
-                              **{k: more[k] for k in ("step_ms", "best_ms", "step_ms_all")})
+        for mode, more in turns.items():  # the first round's times are kept beside the interleaved ones
+            out["modes"][mode].update(sequential_ms=out["modes"][mode]["step_ms"], timing="interleaved",
+                                      **{k: more[k] for k in ("step_ms", "best_ms", "step_ms_all")})
         print(f"  interleaved, step by step (median of {settings.rounds * settings.steps} steps):")
         for mode in modes:
             _ratio(out["modes"], mode)
