@@ -107,3 +107,22 @@ def test_interleave_times_the_modes_step_by_step_each_on_its_own_model(
     assert len(set(timed[:3])) == 3 and timed == timed[:3] * 4
     first_round = models[:len(models) - 12 - bench_models.DS_WARMUP]  # before ds_recompute's warm-up
     assert not set(timed[:3]) & set(first_round)
+
+
+def test_trace_modes_counts_the_same_ops_for_keeping_everything_as_for_plain(tmp_path: Path) -> None:
+    import trace_modes
+
+    out = tmp_path / "trace.json"
+    rc = trace_modes.main(["--tiny", "--device", "cpu", "--dtype", "fp32", "--model", "bert", "--modes",
+                           "plain", "wrapped", "auto_fits", "ds_recompute", "--rounds", "1", "--steps", "1",
+                           "--warmup", "3", "--out", str(out)])
+    assert rc == 0
+    modes = json.loads(out.read_text())["modes"]
+    ops = {mode: r["launches_per_step"] for mode, r in modes.items()}
+    assert ops["plain"] > 0
+    # the wrapper alone and a plan that moves nothing run exactly plain's ops; recomputing runs more
+    assert ops["wrapped"] == ops["auto_fits"] == ops["plain"], ops
+    assert ops["ds_recompute"] > ops["plain"], ops
+    for mode, r in modes.items():
+        assert r["step_ms"] > 0 and r["act_peak_bytes"] > 0 and len(r["step_ms_all"]) == 1, mode
+        assert r["host_backward_ms"] >= r["host_forward_ms"] > 0, mode
