@@ -50,8 +50,10 @@ def without_cache(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     changed: list[str] = []
     if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
         return args, kwargs, changed  # tensors only (a CNN's blocks): nothing to look at
-    # a class attribute in HF's layers: read from the class, which spares nn.Module's __getattr__
-    keeps_cache = bool(getattr(type(block), "_can_checkpoint_with_cache", False))
+    # a class attribute of HF's layers, read from the layer's class (a torch.compile wrapper holds the
+    # layer as _orig_mod), which spares nn.Module's __getattr__ a miss at every call
+    layer = block._modules.get("_orig_mod", block)
+    keeps_cache = bool(getattr(type(layer), "_can_checkpoint_with_cache", False))
     new_kwargs = kwargs
     if kwargs.get("use_cache"):
         new_kwargs = {**kwargs, "use_cache": False}
