@@ -15,7 +15,7 @@ compiled block (``torch.compile``) runs compiled in both cases and is timed whol
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -63,11 +63,6 @@ def shape_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         return (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else type(v)
 
     return (*(one(v) for v in args), *((k, one(v)) for k, v in kwargs.items()))
-
-
-def first_grad_tensor(values: Sequence[Any]) -> torch.Tensor | None:
-    """The first tensor of ``values`` that requires a gradient."""
-    return next((v for v in values if isinstance(v, torch.Tensor) and v.requires_grad), None)
 
 
 def recompute_all(index: int, op: object) -> OpDecision:

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 from .arguments import without_cache
 from .backend import CopyBackend, CudaCopyBackend
-from .blockprofile import BlockProfile, SavedBytes, first_grad_tensor, grad_bytes, shape_key
+from .blockprofile import BlockProfile, SavedBytes, grad_bytes, shape_key
 from .calibration import MARGIN_DOWN, PeakCheck, PeakChecks, calibrate, forward_scale
 from .config import UNLIMITED, SwapConfig, format_budget, format_bytes
 from .discovery import describe_blocks
@@ -522,7 +522,7 @@ class ActivationManager:
             self._warming = True  # compiling takes seconds: profile at the next step of this shape
         else:
             self._profile = BlockProfile("cuda" if self._on_cuda() else "cpu")
-        first = first_grad_tensor(args)
+        first = _first_grad_tensor(args)
         if first is not None:  # its gradient arrives when the blocks' backward ends
             first.register_hook(weakly(self._backward_done, self._arm_peak_check()))
         if self._step_plan is None or not self._step_plan.moves_nothing:
@@ -605,7 +605,7 @@ class ActivationManager:
             if call == 0:
                 profile.baseline = self._baseline
                 torch.cuda.reset_peak_memory_stats()
-            first = first_grad_tensor(args)
+            first = _first_grad_tensor(args)
             if first is not None:  # its gradient arrives when this call's backward ends (call 0: the blocks')
                 done = self._blocks_done if call == 0 else self._call_done
                 first.register_hook(weakly(done, profile, call))
@@ -613,7 +613,7 @@ class ActivationManager:
         with self._offloader.swapping(False), inside:
             out = profile.run(call, block, self._name_of.get(id(block), type(block).__name__),
                               self._offloader.store, compiled, *args, **kwargs)
-        last = first_grad_tensor(tree_leaves(out))
+        last = _first_grad_tensor(tree_leaves(out))
         if self._on_cuda() and last is not None:
             last.register_hook(weakly(self._head_done, profile))  # the last block's fires first
         return out
@@ -865,3 +865,8 @@ def check_budget_fits(budget: int, device_bytes: int) -> None:
             f"({format_bytes(device_bytes)}); give a smaller size, a fraction such as 0.6, or 'auto' "
             f"(what is left after weights, gradients and optimizer state)"
         )
+
+
+def _first_grad_tensor(values: Sequence[Any]) -> torch.Tensor | None:
+    """The first tensor of ``values`` that requires a gradient."""
+    return next((v for v in values if isinstance(v, torch.Tensor) and v.requires_grad), None)
