@@ -137,7 +137,6 @@ class ActivationManager:
             host_memory_available=host_memory_available,
         )
         self._device_given = device is not None or backend is not None
-        self._blocks: list[nn.Module] = []
         self._model: nn.Module | None = None
         self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
         self._works: dict[tuple[Any, ...], tuple[Workload, BlockProfile, Any]] = {}
@@ -169,11 +168,8 @@ class ActivationManager:
         self._baseline = 0
         self._step_clean = False
         self._backward_mark: Any = None
-        self._names: list[str] = []
-        self._name_of: dict[int, str] = {}
         self._last_model: weakref.ref[nn.Module] | None = None
-        self._wrapped = WrappedBlocks()
-        self._compiled: dict[int, Callable[..., Any]] = {}  # block id -> what runs it compiled
+        self._wrapped = WrappedBlocks()  # the blocks, their names, what runs them compiled
         self._warmed: set[tuple[Any, ...]] = set()  # input shapes the compiled blocks have run with
         self._warming = False
 
@@ -218,11 +214,9 @@ class ActivationManager:
                              "or call unwrap() first")
         wrapped = wrap_blocks(model, blocks, self, block_types=self.config.block_types,
                               compile_options=self.config.compile_options())
-        self._wrapped, self._blocks, self._model = wrapped, wrapped.blocks, model
-        self._compiled, self._warmed = wrapped.compiled, set()  # new compiled callables: each shape compiles
+        self._wrapped, self._model = wrapped, model
+        self._warmed = set()  # new compiled callables: each shape compiles
         self._last_model = weakref.ref(model)
-        self._names = wrapped.names
-        self._name_of = {id(b): n for b, n in zip(wrapped.blocks, wrapped.names, strict=True)}
         return model
 
     def unwrap(self) -> nn.Module | None:
@@ -231,8 +225,7 @@ class ActivationManager:
         of the same model (wrapping another one forgets them)."""
         model = self._model
         self._wrapped.unwrap()
-        self._wrapped, self._model, self._blocks, self._names = WrappedBlocks(), None, [], []
-        self._name_of, self._compiled = {}, {}
+        self._wrapped, self._model = WrappedBlocks(), None
         return model
 
     def close(self) -> None:
@@ -254,13 +247,13 @@ class ActivationManager:
     @property
     def block_names(self) -> list[str]:
         """The qualified names of the wrapped blocks in the model, in order (e.g. ``blocks.0``)."""
-        return list(self._names)
+        return list(self._wrapped.names)
 
     @property
     def blocks_summary(self) -> str:
         """The wrapped blocks for people, a run of one class at a time:
         ``layer1.0 .. layer4.2: Bottleneck x16``."""
-        return describe_blocks(self._names, self._blocks)
+        return describe_blocks(self._wrapped.names, self._wrapped.blocks)
 
     def replan(self, config: SwapConfig | None = None) -> None:
         """Forget every plan (optionally switching to a new budget or policy); the next step profiles
@@ -481,7 +474,7 @@ class ActivationManager:
 
     # -- the block runner ---------------------------------------------------------------------------
     def _run_block(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        compiled = self._compiled.get(id(block))
+        compiled = self._wrapped.compiled.get(id(block))
         run = compiled if compiled is not None else block
         if not self._in_step or not torch.is_grad_enabled():
             return run(*args, **kwargs)  # evaluation, no_grad, or outside a step: untouched
@@ -496,7 +489,7 @@ class ActivationManager:
         if plan is None:
             return self._profile_block(call, block, compiled, *args, **kwargs)
         if call >= len(plan.blocks):  # more block calls than when this shape was profiled: least memory
-            self._diverged(self._key, self._name_of.get(id(block), "?"))
+            self._diverged(self._key, self._wrapped.name_of.get(id(block), "?"))
             with self._offloader.swapping(False):
                 return checkpoint_all(run, *args, fn_kwargs=kwargs)
         bp = plan.blocks[call]
@@ -518,7 +511,7 @@ class ActivationManager:
         if self._step_plan is not None:
             self._plans.move_to_end(self._key)
             self._plan = self._step_plan
-        elif self._compiled and self._key not in self._warmed:
+        elif self._wrapped.compiled and self._key not in self._warmed:
             self._warming = True  # compiling takes seconds: profile at the next step of this shape
         else:
             self._profile = BlockProfile("cuda" if self._on_cuda() else "cpu")
@@ -555,7 +548,7 @@ class ActivationManager:
         expected = self._expected.get(self._key)
         if expected is None:
             expected = self._expected[self._key] = tuple(tuple(op.op for op in b.ops) for b in work[0].blocks)
-        name = self._name_of.get(id(block), "?")
+        name = self._wrapped.name_of.get(id(block), "?")
         return bp.policy(expected[call], weakly(self._diverged, self._key, name))
 
     def _diverged(self, key: tuple[Any, ...], name: str) -> None:
@@ -611,7 +604,7 @@ class ActivationManager:
                 first.register_hook(weakly(done, profile, call))
         inside = self._counted.in_block() if self._counted is not None else contextlib.nullcontext()
         with self._offloader.swapping(False), inside:
-            out = profile.run(call, block, self._name_of.get(id(block), type(block).__name__),
+            out = profile.run(call, block, self._wrapped.name_of.get(id(block), type(block).__name__),
                               self._offloader.store, compiled, *args, **kwargs)
         last = _first_grad_tensor(tree_leaves(out))
         if self._on_cuda() and last is not None:
@@ -660,8 +653,8 @@ class ActivationManager:
             ),
             lookahead_fraction=(self.config.prefetch_lookahead
                                 if isinstance(self.config.prefetch_lookahead, float) else None),
-            other_grad_bytes=(max(0, grad_bytes(self._model) - sum(grad_bytes(b) for b in self._blocks))
-                              if self._model else 0),
+            other_grad_bytes=(max(0, grad_bytes(self._model)
+                                  - sum(grad_bytes(b) for b in self._wrapped.blocks)) if self._model else 0),
             plain_calls=tuple(profile.plain_calls),
             block_names=tuple(profile.names),
         )

@@ -8,6 +8,7 @@ finds, checks and installs.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -50,6 +51,11 @@ class WrappedBlocks:
     """(parent, attribute, the wrapper put there) for each block."""
     compiled: dict[int, Callable[..., Any]] = field(default_factory=dict)
     """Block id -> what runs it compiled (the blocks that run compiled only)."""
+
+    @functools.cached_property
+    def name_of(self) -> dict[int, str]:
+        """Block id -> its qualified name."""
+        return {id(b): n for b, n in zip(self.blocks, self.names, strict=True)}
 
     def unwrap(self) -> None:
         """Put the original blocks back into their parents."""
