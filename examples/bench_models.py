@@ -325,6 +325,10 @@ class StepMeasure:
     cuda: bool
     peak: int = 0
     ms: float = 0.0
+    host_forward_ms: float = 0.0
+    """Host time until the forward returned (no synchronization: on a host-bound step, the forward's)."""
+    host_backward_ms: float = 0.0
+    """Host time until ``backward()`` returned, from the forward's start."""
     _before: int = 0
     _live: LiveBytes | None = None
 
@@ -375,9 +379,12 @@ def train_step(bench: Bench, batch: Batch, context: StepContext, *, cache: bool,
     and its loss."""
     bench.model.zero_grad(set_to_none=True)
     with measure_step(bench.device) as m:
+        t0 = time.perf_counter()
         with context(), torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = bench.loss(bench.model, batch, cache)
+        t1 = time.perf_counter()
         loss.backward()
+        m.host_forward_ms, m.host_backward_ms = (t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3
         m.backward_done()
         if optimizer is not None:
             optimizer.step()

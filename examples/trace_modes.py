@@ -35,7 +35,6 @@ import contextlib
 import json
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -77,33 +76,11 @@ def mode_session(mode: str, bench: bm.Bench, min_bytes: str) -> Iterator[bm.Sess
 
 def timed_step(bench: bm.Bench, batch: bm.Batch, run: bm.Session, optimizer: torch.optim.Optimizer,
                bf16: bool) -> dict[str, float]:
-    """One training step: its time, its host times to the forward's and the backward's return, its
-    activation peak."""
-    cuda = bench.device.type == "cuda"
-    bench.model.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    live = contextlib.nullcontext() if cuda else bm.LiveBytes()  # a CPU keeps no allocator statistics
-    t0 = time.perf_counter()
-    with live:
-        with run.context(), torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = bench.loss(bench.model, batch, run.cache)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-    peak = torch.cuda.max_memory_allocated() - before if cuda else live.peak  # type: ignore[union-attr]
-    optimizer.step()
-    if cuda:
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end)
-    else:
-        ms = (time.perf_counter() - t0) * 1e3
-    return {"ms": ms, "host_forward_ms": (t1 - t0) * 1e3, "host_backward_ms": (t2 - t0) * 1e3, "peak": peak}
+    """One training step (:func:`bench_models.train_step`): its time, its host times to the forward's
+    and the backward's return, its activation peak."""
+    m, _ = bm.train_step(bench, batch, run.context, cache=run.cache, bf16=bf16, optimizer=optimizer)
+    return {"ms": m.ms, "host_forward_ms": m.host_forward_ms, "host_backward_ms": m.host_backward_ms,
+            "peak": m.peak}
 
 
 def profiled(step: Callable[[], Any], cuda: bool) -> dict[str, float]:
